@@ -1,0 +1,22 @@
+"""recbole-mm: multimodal recommenders (MambaRec, FindRec) as a RecBole plug-in.
+
+Importing the package applies the compatibility fixes (:mod:`recbole_mm.compat`) and registers
+our models into RecBole (:func:`recbole_mm.registry.register_into_recbole`); after that both
+``recbole_mm.quick_start.run_recbole`` and RecBole's own ``recbole.quick_start.run_recbole``
+run FindRec, MambaRec and every RecBole model by name.
+"""
+
+from recbole_mm import compat
+
+compat.apply()
+
+from recbole_mm.registry import register_into_recbole  # noqa: E402
+
+register_into_recbole()
+
+from recbole_mm.config import Config  # noqa: E402
+from recbole_mm.quick_start import load_data_and_model, run, run_recbole  # noqa: E402
+from recbole_mm.registry import create_dataset, get_model, get_trainer  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["Config", "run", "run_recbole", "load_data_and_model", "create_dataset", "get_model", "get_trainer"]

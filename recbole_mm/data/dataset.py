@@ -1,0 +1,157 @@
+"""Multimodal datasets: RecBole's ``Dataset`` / ``SequentialDataset`` plus per-item features.
+
+Format (SPEC §2): next to ``<ds>.inter`` / ``<ds>.item`` lies one ``<m>_feat.npy`` per modality
+``m`` of the config's ``modalities``, shaped ``(rows of .item, dim)``; row ``r`` belongs to the
+``r``-th data row of ``.item``. After RecBole has filtered and remapped the data, rows are moved
+to RecBole's internal item ids (``field2id_token``), so every model indexes features by item id:
+
+* ``dataset.item_features[m]`` — ``float32 [item_num, dim]``, row 0 (padding) all zeros;
+* ``dataset.item_feature_mask[m]`` — ``bool [item_num]``, False for padding and for items that
+  have no ``.item`` row (allowed up to ``feature_missing_tolerance``, a fraction of items).
+
+Bad input raises :class:`FeatureFileError` naming the file, what was expected and what was found.
+Nothing is truncated or padded silently.
+
+Config keys: ``modalities`` (list), ``modality_dims`` (optional ``{m: dim}``),
+``feature_missing_tolerance`` (default 0), ``text_features`` / ``text_encoder`` (recipes for
+modalities computed from ``.item`` text, see :mod:`recbole_mm.data.features`), and
+``split_label_field`` (e.g. ``x_label``: use the file's own 0/1/2 = train/valid/test split).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from recbole.data.dataset import Dataset, SequentialDataset
+
+from recbole_mm.data.features import DEFAULT_TEXT_ENCODER, cached_text_features, read_atomic_columns
+from recbole_mm.data.locate import cache_dir
+
+
+class FeatureFileError(ValueError):
+    """A multimodal feature file (or the dataset around it) is unusable."""
+
+
+SPLIT_LABELS = {"0": 0, "1": 1, "2": 2}  # MMRec's x_label: train, valid, test
+
+
+class MultimodalMixin:
+    """Feature loading and label-based splitting shared by both dataset classes."""
+
+    def _data_processing(self):
+        self.modalities = list(self.config["modalities"] or [])
+        self._item_rows = self._item_file_rows() if self.modalities else None
+        if self.modalities:
+            self._check_unknown_items()
+        super()._data_processing()
+        self.item_features, self.item_feature_mask = {}, {}
+        for modality in self.modalities:
+            self.item_features[modality], self.item_feature_mask[modality] = self._load_modality(modality)
+
+    # ----------------------------------------------------------------- file access
+    @property
+    def _item_file(self) -> Path:
+        return Path(self.dataset_path) / f"{self.dataset_name}.item"
+
+    def _item_file_rows(self) -> pd.Index:
+        """Item tokens in ``.item`` data-row order (feature row r <-> position r)."""
+        if not self._item_file.is_file():
+            raise FeatureFileError(
+                f"{self._item_file}: missing; multimodal features are aligned to the rows of the "
+                f".item file, so modalities {self.modalities} need it")
+        tokens = read_atomic_columns(self._item_file, [self.iid_field], self.config["field_separator"])[self.iid_field]
+        index = pd.Index(tokens)
+        if not index.is_unique:
+            dup = index[index.duplicated()].unique()[:5].tolist()
+            raise FeatureFileError(f"{self._item_file}: item ids are not unique (e.g. {dup}); "
+                                   "feature rows would be ambiguous")
+        return index
+
+    def _check_unknown_items(self):
+        inter_items = pd.Index(pd.unique(self.inter_feat[self.iid_field].astype(str)))
+        unknown = inter_items[self._item_rows.get_indexer(inter_items) < 0]
+        share = len(unknown) / max(len(inter_items), 1)
+        tolerance = float(self.config["feature_missing_tolerance"] or 0.0)
+        if share > tolerance:
+            raise FeatureFileError(
+                f"{self.dataset_name}.inter: {len(unknown)} of {len(inter_items)} items ({share:.2%}) are not in "
+                f"{self._item_file} (e.g. {unknown[:5].tolist()}); feature_missing_tolerance is {tolerance}. "
+                "Add the items to .item (with feature rows) or raise feature_missing_tolerance.")
+        if len(unknown):
+            self.logger.warning(f"{len(unknown)} items of .inter have no .item row: their features are masked")
+
+    def _feature_file(self, modality: str) -> Path:
+        name = f"{modality}_feat.npy"
+        shipped = Path(self.dataset_path) / name
+        if shipped.is_file():
+            return shipped
+        cached = cache_dir(self.config) / name
+        recipes = self.config["text_features"] or {}
+        if modality in recipes:
+            return cached_text_features(self._item_file, recipes[modality], cached,
+                                        self.config["text_encoder"] or DEFAULT_TEXT_ENCODER,
+                                        self.config["field_separator"])
+        if cached.is_file():
+            return cached
+        raise FeatureFileError(
+            f"modality '{modality}' is in the config's modalities but there is no {name}: looked for "
+            f"{shipped} and {cached}. Provide the file (row r = r-th row of {self._item_file.name}), "
+            f"add a text_features recipe for '{modality}', or drop it from modalities.")
+
+    # ----------------------------------------------------------------- alignment
+    def _load_modality(self, modality: str):
+        path = self._feature_file(modality)
+        feat = np.load(path, mmap_mode="r")
+        n_rows = len(self._item_rows)
+        if feat.ndim != 2 or feat.shape[0] != n_rows:
+            raise FeatureFileError(
+                f"{path}: expected shape ({n_rows}, dim) — one row per data row of {self._item_file.name} — "
+                f"but found {feat.shape}")
+        expected_dim = (self.config["modality_dims"] or {}).get(modality)
+        if expected_dim is not None and feat.shape[1] != int(expected_dim):
+            raise FeatureFileError(
+                f"{path}: modality_dims says '{modality}' is {expected_dim}-d but the file has {feat.shape[1]} columns")
+        feat = np.asarray(feat, dtype=np.float32)
+        bad = ~np.isfinite(feat).all(axis=1)
+        if bad.any():
+            raise FeatureFileError(
+                f"{path}: {int(bad.sum())} rows hold NaN or Inf (first at row {int(np.argmax(bad))})")
+
+        tokens = self.field2id_token[self.iid_field]
+        rows = self._item_rows.get_indexer(pd.Index(tokens[1:].astype(str)))  # -1: no .item row
+        has_row = rows >= 0
+        out = torch.zeros(len(tokens), feat.shape[1], dtype=torch.float32)
+        out[1:][torch.from_numpy(has_row)] = torch.from_numpy(feat[rows[has_row]])
+        mask = torch.zeros(len(tokens), dtype=torch.bool)
+        mask[1:] = torch.from_numpy(has_row)
+        self.logger.info(f"modality '{modality}': {tuple(feat.shape)} from {path}, "
+                         f"{int(mask.sum())}/{len(tokens) - 1} items with features")
+        return out, mask
+
+    # ----------------------------------------------------------------- splitting
+    def build(self):
+        label_field = self.config["split_label_field"]
+        if not label_field:
+            return super().build()
+        if label_field not in self.field2id_token:
+            raise FeatureFileError(
+                f"split_label_field is '{label_field}' but {self.dataset_name}.inter has no such token column "
+                f"loaded (add it to load_col: inter)")
+        self._change_feat_format()
+        tokens = self.field2id_token[label_field]
+        code = np.array([SPLIT_LABELS.get(str(t), -1) for t in tokens])
+        labels = torch.from_numpy(code)[self.inter_feat[label_field]]
+        if bool((labels < 0).any()):
+            raise FeatureFileError(f"{label_field} must hold only 0/1/2 (train/valid/test); found {set(tokens[1:]) - set(SPLIT_LABELS)}")
+        return [self.copy(self.inter_feat[labels == part]) for part in (0, 1, 2)]
+
+
+class MMGeneralDataset(MultimodalMixin, Dataset):
+    """RecBole ``Dataset`` with per-item multimodal features (for general recommenders)."""
+
+
+class MMSequentialDataset(MultimodalMixin, SequentialDataset):
+    """RecBole ``SequentialDataset`` with per-item multimodal features (for sequential
+    recommenders). With ``split_label_field`` each augmented sample goes to the part of its
+    target interaction."""

@@ -1,0 +1,1 @@
+"""recbole-mm models, organised by type as in RecBole."""

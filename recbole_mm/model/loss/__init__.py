@@ -1,0 +1,1 @@
+"""Reusable building blocks; import from the submodules."""

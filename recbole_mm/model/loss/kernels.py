@@ -1,0 +1,58 @@
+"""Gaussian (RBF) kernels shared by MambaRec's MMD and FindRec's IICM / Stein estimator.
+
+All functions work on batches of row vectors and are differentiable in their inputs; a
+bandwidth computed from the data (:func:`median_bandwidth`) is detached, so it acts as a
+constant scale and not as something the model can shrink to cheat the loss.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Bandwidth = Union[float, Sequence[float], torch.Tensor]
+
+
+def pairwise_sq_dists(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``D[i, j] = ||x_i - y_j||^2`` for ``x: [n, d]``, ``y: [m, d]`` (``y = x`` if omitted).
+
+    Uses the expanded form ``|x|^2 + |y|^2 - 2 x y^T`` (one matmul, no ``[n, m, d]`` tensor)
+    and clamps the rounding negatives to zero.
+    """
+    y = x if y is None else y
+    d = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2.0 * x @ y.transpose(-1, -2)
+    return d.clamp_min(0.0)
+
+
+def median_bandwidth(x: torch.Tensor, y: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+    """Median heuristic: the median of the pairwise Euclidean distances (off-diagonal when
+    ``y`` is omitted), detached. Falls back to 1 when all points coincide."""
+    with torch.no_grad():
+        d2 = pairwise_sq_dists(x, y)
+        if y is None and d2.shape[0] > 1:
+            n = d2.shape[0]
+            d2 = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)]
+        sigma = d2.flatten().median().sqrt()
+        return torch.where(sigma > eps, sigma, torch.ones_like(sigma))
+
+
+def _as_bandwidths(bandwidth: Bandwidth, like: torch.Tensor) -> torch.Tensor:
+    bw = torch.as_tensor(bandwidth, dtype=like.dtype, device=like.device).flatten()
+    if bw.numel() == 0 or bool((bw <= 0).any()):
+        raise ValueError(f"kernel bandwidths must be positive, got {bandwidth!r}")
+    return bw
+
+
+def gaussian_kernel_from_sq_dists(d2: torch.Tensor, bandwidth: Bandwidth) -> torch.Tensor:
+    """``sum_s exp(-d2 / (2 s^2))`` over the bandwidths ``s`` (one value = a plain RBF)."""
+    bw = _as_bandwidths(bandwidth, d2)
+    return torch.exp(-d2.unsqueeze(-1) / (2.0 * bw.pow(2))).sum(-1)
+
+
+def gaussian_kernel(x: torch.Tensor, y: Optional[torch.Tensor] = None, bandwidth: Bandwidth = 1.0) -> torch.Tensor:
+    """Gram matrix ``K[i, j] = sum_s exp(-||x_i - y_j||^2 / (2 s^2))``."""
+    return gaussian_kernel_from_sq_dists(pairwise_sq_dists(x, y), bandwidth)
+
+
+def paired_gaussian_kernel(x: torch.Tensor, y: torch.Tensor, bandwidth: Bandwidth = 1.0) -> torch.Tensor:
+    """Row-wise kernel ``k_i = K(x_i, y_i)`` (FindRec eq. 1), shape ``[n]``."""
+    return gaussian_kernel_from_sq_dists((x - y).pow(2).sum(-1), bandwidth)

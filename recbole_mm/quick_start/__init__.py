@@ -1,0 +1,3 @@
+from recbole_mm.quick_start.quick_start import load_data_and_model, run, run_recbole, run_recboles
+
+__all__ = ["run", "run_recbole", "run_recboles", "load_data_and_model"]

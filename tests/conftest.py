@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests run offline, on data they generate or on RecBole's bundled ml-100k;
+tests that need ../shared/data skip with a reason when it is absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import recbole_mm  # noqa: E402,F401  (compat + registration, as for a user)
+from recbole_mm.data.synthetic import make_planted_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_dataset(name):
+    """Path of ../shared/data/<name>, or skip the test with the reason."""
+    folder = SHARED_DATA / name
+    if not (folder / f"{name}.inter").is_file():
+        pytest.skip(f"{folder} is absent (real data lives beside the project checkout only)")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """RecBole writes log/, saved/ and log_tensorboard/ into the working directory; keep each
+    test's in its own temporary folder, and keep the feature cache there too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECBOLE_MM_DATA", raising=False)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A small planted-signal dataset: returns (data_root, dataset_name)."""
+    root = tmp_path / "data"
+    make_planted_dataset(root, name="planted", seed=0)
+    return str(root), "planted"
+
+
+#: the smallest RecBole config that still trains, validates and tests
+TINY = {
+    "epochs": 1, "train_batch_size": 256, "eval_batch_size": 4096, "embedding_size": 16,
+    "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "show_progress": False,
+    "state": "WARNING", "seed": 2020, "reproducibility": True, "checkpoint_dir": "saved",
+    "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+}

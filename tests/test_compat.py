@@ -1,0 +1,84 @@
+"""Each compat fix, with the failure it prevents (SPEC §5)."""
+
+import importlib
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recbole_mm import compat
+
+
+def test_numpy_aliases_restored_for_recbole_config(monkeypatch):
+    from recbole.config.configurator import Config as RecBoleConfig
+
+    monkeypatch.delattr(np, "float_")
+    with pytest.raises(AttributeError):
+        RecBoleConfig.compatibility_settings(None)  # what every Config() runs first
+    compat.restore_numpy_aliases()
+    RecBoleConfig.compatibility_settings(None)
+    assert np.float_ is np.float64 and np.unicode_ is np.str_ and np.complex_ is np.complex128
+
+
+def test_quick_start_imports_without_ray(monkeypatch):
+    # pretend ray is missing: `import ray` raises ImportError
+    import recbole
+
+    monkeypatch.setattr(recbole, "quick_start", recbole.quick_start)
+    for name in [m for m in sys.modules if m.startswith("recbole.quick_start")]:
+        monkeypatch.delitem(sys.modules, name)  # monkeypatch puts the real modules back
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.tune", None)
+    with pytest.raises(ImportError):
+        importlib.import_module("recbole.quick_start.quick_start")
+    sys.modules.pop("recbole.quick_start.quick_start", None)
+
+    compat.import_quick_start_without_ray()
+    qs = sys.modules["recbole.quick_start.quick_start"]
+    assert callable(qs.run_recbole)
+    with pytest.raises(ImportError, match=r"recbole-mm\[ray\]"):
+        qs.tune.report(ndcg=1.0)
+    assert sys.modules.get("ray") is None  # the placeholder did not leak
+
+
+def test_recbole_checkpoints_load_under_torch_weights_only_default(tmp_path):
+    from recbole_mm.config import Config
+
+    config = Config(model="BPR", dataset="ml-100k", config_dict={"state": "WARNING"})
+    file = tmp_path / "ckpt.pth"
+    torch.save({"config": config, "state_dict": {}}, file)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(file)  # torch >= 2.6 default: weights_only=True
+    import recbole.trainer.trainer as rb_trainer
+
+    assert rb_trainer.torch.load(file)["config"]["model"] == "BPR"
+    assert rb_trainer.torch.nn is torch.nn  # everything else is torch itself
+
+
+def test_dok_update_restored(monkeypatch):
+    monkeypatch.delattr(sp.dok_matrix, "_update")
+    a = sp.dok_matrix((3, 3), dtype=np.float32)
+    with pytest.raises(AttributeError):
+        a._update({(0, 1): 1.0})
+    compat.restore_dok_update()
+    a._update({(0, 1): 1.0, (2, 2): 3.0})
+    np.testing.assert_array_equal(a.toarray(), [[0, 1, 0], [0, 0, 0], [0, 0, 3]])
+
+
+def test_apply_is_idempotent():
+    qs = sys.modules["recbole.quick_start.quick_start"]
+    before = (qs.run_recbole, np.float_)
+    compat.apply()
+    compat.apply()
+    assert (qs.run_recbole, np.float_) == before
+
+
+def test_pinned_versions_recbole_needs():
+    import hyperopt
+    import pandas
+
+    assert int(pandas.__version__.split(".")[0]) < 3, "RecBole 1.2.1's loaders break on pandas 3"
+    assert hyperopt.__version__ == "0.2.5", "RecBole's exhaustive search breaks on hyperopt 0.3"
