@@ -1,0 +1,130 @@
+"""DREAM: Dilated REfinement Attention Module (MambaRec, Ren et al., CIKM'25, sec. 4.1).
+
+An item's reduced modality vector (``d`` values, eq. 12-13) is viewed as a ``C x H x W`` map and
+refined by five parallel branches with ``C_b`` channels each (eq. 1): a 1x1 convolution, three 3x3
+convolutions with dilations ``dilations`` and ``padding = dilation`` (so the map keeps its size), and
+global average pooling -> 1x1 convolution -> bilinear upsampling. The ``C' = 5 C_b`` concatenated
+channels ``F`` are re-weighted twice: channel attention ``F_c = F * sigmoid(W2 ReLU(W1 GAP(F)))``
+(eq. 2-3) and spatial attention ``F_s = F * sigmoid(conv1x1(mean_c F))`` (eq. 4-5); the output is
+``max(F_c, F_s)`` (eq. 6), projected back to ``C`` channels (1x1 conv, i.e. ``d`` values) and then
+linearly to ``out_dim`` (the embedding size). The branches are plain convolutions, as the paper
+describes them: ASPP's batch norm would make an item's output depend on the other items of its batch,
+and a ReLU per branch kills the pooled branch at initialisation whenever its bias is negative (its
+input, the mean of a centred vector, is near zero); the gates and the maximum are the non-linearity.
+
+Map layout. ``default_map_shape(d)`` picks the smallest square ``H = W >= 3`` dividing ``d`` (else the
+smallest near-square ``3 <= H <= W``), e.g. ``d = 48 -> 3x4x4``, ``64 -> 4x4x4``, ``24 -> 2x3x4``;
+``[d, 1, 1]`` reproduces the layout of the authors' code (64 channels of 1x1).
+
+What a 1x1 map does (and, more generally, a dilation ``r >= max(H, W)``): a 3x3 kernel with dilation
+``r`` and padding ``r`` reads the taps at offsets ``{-r, 0, r}``; on a map with fewer than ``r + 1``
+rows and columns every off-centre tap lands in the zero padding, so the dilated convolution equals
+the 1x1 convolution with its centre weights ``w[:, :, 1, 1]`` and the three "multi-scale" branches
+become three more 1x1 convolutions. On a 1x1 map moreover the GAP branch is one more 1x1
+convolution (pooling and bilinear upsampling are identities), channel attention is an MLP gate on
+the vector itself, and spatial attention is one scalar gate per item shared by all channels (no
+spatial selectivity). The paper's dilations 6, 12, 18 come from image segmentation (ASPP on 33x33+
+maps); on any map an item vector can fill they degenerate the same way, so ``dilations`` defaults to
+rates that fit the map (``1, 2, 3`` capped at ``max(H, W) - 1``) and a warning is logged for a rate
+that reaches no neighbour.
+"""
+
+import logging
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MapShape = Tuple[int, int, int]
+
+
+def default_map_shape(d: int) -> MapShape:
+    """``(C, H, W)`` with ``C H W = d``: the most square map with ``3 <= H <= W``, smallest area
+    first (so as many channels as possible); ``(1, H, W)`` most square if no such map exists."""
+    candidates = [(w - h, h * w, h, w) for h in range(3, d + 1) for w in range(h, d // h + 1) if d % (h * w) == 0]
+    if candidates:
+        _, area, h, w = min(candidates)
+        return d // area, h, w
+    h = max(h for h in range(1, int(d**0.5) + 1) if d % h == 0)
+    return 1, h, d // h
+
+
+def default_dilations(map_shape: MapShape) -> Tuple[int, int, int]:
+    """Three increasing rates that still reach a neighbour: ``1, 2, 3`` capped at ``max(H, W) - 1``
+    (all 1 on a 1x1 map, where nothing can be reached)."""
+    reach = max(max(map_shape[1:]) - 1, 1)
+    return tuple(min(r, reach) for r in (1, 2, 3))
+
+
+class DREAM(nn.Module):
+    """Multi-scale dilated convolutions with channel and spatial attention on a ``C x H x W`` view.
+
+    Args:
+        dim: input size ``d``.
+        out_dim: output size (the embedding size); ``dim`` if None.
+        map_shape: ``(C, H, W)`` with ``C H W = d``; ``default_map_shape(d)`` if None.
+        dilations: the three dilation rates; ``default_dilations(map_shape)`` if None.
+        branch_channels: ``C_b``, channels per branch; ``max(C, 8)`` if None, so that on maps with few
+            channels (d=48 -> C=3) the branches and the attention bottleneck ``5 C_b / r`` are not
+            a handful of units that a ReLU can switch off all at once.
+        att_reduction: ``r`` of the channel-attention bottleneck ``C' -> C'/r -> C'``.
+
+    Shape: ``[..., d] -> [..., out_dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: Optional[int] = None,
+        map_shape: Optional[Sequence[int]] = None,
+        dilations: Optional[Sequence[int]] = None,
+        branch_channels: Optional[int] = None,
+        att_reduction: int = 4,
+    ):
+        super().__init__()
+        self.map_shape = tuple(int(s) for s in map_shape) if map_shape is not None else default_map_shape(dim)
+        if len(self.map_shape) != 3 or self.map_shape[0] * self.map_shape[1] * self.map_shape[2] != dim:
+            raise ValueError(f"dream_map_shape {list(self.map_shape)} must be [C, H, W] with C*H*W = d = {dim}")
+        c, h, w = self.map_shape
+        if dilations is None:
+            dilations = default_dilations(self.map_shape)
+        self.dilations = tuple(int(r) for r in dilations)
+        if len(self.dilations) != 3 or min(self.dilations) < 1:
+            raise ValueError(f"dream_dilations must be three positive rates, got {list(self.dilations)}")
+        for r in self.dilations:
+            if r >= h and r >= w:
+                logger.warning(
+                    "DREAM: dilation %d on a %dx%d map reaches no neighbour; the branch reduces to its "
+                    "centre-tap 1x1 convolution", r, h, w,
+                )
+        cb = branch_channels or max(c, 8)
+        fused = 5 * cb
+        self.out_dim = out_dim or dim
+        self.point = nn.Conv2d(c, cb, 1)
+        self.dilated = nn.ModuleList(nn.Conv2d(c, cb, 3, padding=r, dilation=r) for r in self.dilations)
+        self.pool = nn.Conv2d(c, cb, 1)  # applied to the globally pooled map (branch 5)
+        self.channel_att = nn.Sequential(
+            nn.Linear(fused, max(fused // att_reduction, 1)),
+            nn.ReLU(),
+            nn.Linear(max(fused // att_reduction, 1), fused),
+            nn.Sigmoid(),
+        )
+        self.spatial_att = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Sigmoid())
+        self.merge = nn.Conv2d(fused, c, 1)
+        self.out = nn.Linear(dim, self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        fmap = x.reshape(-1, *self.map_shape)
+        h, w = self.map_shape[1:]
+        pooled = self.pool(fmap.mean(dim=(2, 3), keepdim=True))
+        branches = [self.point(fmap), *(conv(fmap) for conv in self.dilated)]
+        branches.append(F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False))
+        fused = torch.cat(branches, dim=1)  # eq. 1
+        f_c = fused * self.channel_att(fused.mean(dim=(2, 3)))[:, :, None, None]  # eq. 2-3
+        f_s = fused * self.spatial_att(fused.mean(dim=1, keepdim=True))  # eq. 4-5
+        y = torch.maximum(f_c, f_s)  # eq. 6
+        return self.out(self.merge(y).flatten(1)).reshape(*lead, self.out_dim)

@@ -1,0 +1,57 @@
+"""Loss mixins for the models of recbole-mm.
+
+A model inherits the mixins it needs next to its RecBole base class, e.g.
+``class MambaRec(BPRLossMixin, EmbRegLossMixin, AlignmentLossMixin, GeneralRecommender)``, and
+calls the ``init_*`` method of a mixin with hyperparameters from its ``__init__``. The
+parameter-free losses (RecBole's ``BPRLoss`` and ``EmbLoss``) are class attributes, so they need no
+set-up and add nothing to the ``state_dict``.
+"""
+
+from itertools import combinations
+from typing import Sequence, Tuple
+
+import torch
+from recbole.model.loss import BPRLoss, EmbLoss
+
+from recbole_mm.model.loss.infonce import InfoNCELoss
+from recbole_mm.model.loss.kernels import Bandwidth
+from recbole_mm.model.loss.mmd import MMDLoss
+
+
+class BPRLossMixin:
+    """``bpr_loss(pos, neg) = -mean log sigmoid(pos - neg)`` (RecBole's ``BPRLoss``)."""
+
+    _bpr = BPRLoss()
+
+    def bpr_loss(self, pos_score: torch.Tensor, neg_score: torch.Tensor) -> torch.Tensor:
+        return self._bpr(pos_score, neg_score)
+
+
+class EmbRegLossMixin:
+    """``emb_reg_loss(*E) = sum_E ||E||_2^2 / (2 * batch)`` (RecBole's ``EmbLoss`` with
+    ``require_pow=True``, the LightGCN convention); pass the batch's ego embeddings."""
+
+    _emb_reg = EmbLoss(norm=2)
+
+    def emb_reg_loss(self, *embeddings: torch.Tensor) -> torch.Tensor:
+        return self._emb_reg(*embeddings, require_pow=True).squeeze()
+
+
+class AlignmentLossMixin:
+    """Global cross-modal alignment (MambaRec sec. 4.2): MMD^2 and InfoNCE between the views of
+    one batch of items, averaged over every pair of modalities (one pair for image/text)."""
+
+    def init_alignment_losses(self, mmd_bandwidth: Bandwidth, cl_temp: float) -> None:
+        self.mmd_loss = MMDLoss(mmd_bandwidth)
+        self.infonce_loss = InfoNCELoss(cl_temp)
+
+    def alignment_losses(self, views: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``views[m]: [N, d]``, row ``i`` the same item in every view. Returns ``(mmd, infonce)``;
+        both are zero with fewer than two views."""
+        pairs = list(combinations(range(len(views)), 2))
+        if not pairs:
+            zero = views[0].new_zeros(()) if views else torch.zeros(())
+            return zero, zero
+        mmd = sum(self.mmd_loss(views[i], views[j]) for i, j in pairs) / len(pairs)
+        cl = sum(self.infonce_loss(views[i], views[j]) for i, j in pairs) / len(pairs)
+        return mmd, cl

@@ -1,0 +1,338 @@
+"""MambaRec: DREAM, the graphs, the model's losses / cache / switches, and end-to-end training."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+from torch.profiler import ProfilerActivity, profile
+
+from recbole_mm.model.layers import graph as graph_mod
+from recbole_mm.model.layers.dream import DREAM, default_dilations, default_map_shape
+from recbole_mm.model.layers.graph import (
+    build_knn_graph,
+    load_or_build_knn_graph,
+    normalized_bipartite_adjacency,
+    normalized_interaction_matrix,
+)
+
+
+# ---------------------------------------------------------------- DREAM
+
+
+@pytest.mark.parametrize("d, shape", [(48, (3, 4, 4)), (64, (4, 4, 4)), (24, (2, 3, 4)), (12, (1, 3, 4)),
+                                      (8, (1, 2, 4)), (7, (1, 1, 7))])
+def test_default_map_shape(d, shape):
+    assert default_map_shape(d) == shape
+
+
+def test_default_dilations_fit_the_map():
+    assert default_dilations((3, 4, 4)) == (1, 2, 3)
+    assert default_dilations((1, 3, 3)) == (1, 2, 2)
+    assert default_dilations((48, 1, 1)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("map_shape", [None, [48, 1, 1], [1, 6, 8], [12, 2, 2], [3, 4, 4]])
+def test_dream_output_shapes(map_shape):
+    dream = DREAM(48, 64, map_shape=map_shape)
+    assert dream(torch.randn(7, 48)).shape == (7, 64)
+    assert dream(torch.randn(2, 5, 48)).shape == (2, 5, 64)
+    assert DREAM(48, map_shape=map_shape)(torch.randn(3, 48)).shape == (3, 48)
+
+
+def test_dream_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="C\\*H\\*W"):
+        DREAM(48, map_shape=[3, 4, 3])
+    with pytest.raises(ValueError, match="C\\*H\\*W"):
+        DREAM(48, map_shape=[48, 1])
+    with pytest.raises(ValueError, match="three positive"):
+        DREAM(48, dilations=[1, 2])
+
+
+def test_dream_gradients_reach_every_parameter_on_a_spatial_map():
+    torch.manual_seed(0)
+    dream = DREAM(48, 16)  # 3x4x4, dilations 1, 2, 3
+    dream(torch.randn(32, 48)).pow(2).sum().backward()
+    for name, p in dream.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _off_centre(conv):
+    mask = torch.ones_like(conv.weight, dtype=torch.bool)
+    mask[:, :, 1, 1] = False
+    return mask
+
+
+def test_on_a_1x1_map_dilated_branches_are_their_centre_tap_1x1_conv(caplog):
+    """Documents the degeneracy of the authors' [d, 1, 1] layout (module docstring of dream.py)."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.dream"):
+        dream = DREAM(48, 16, map_shape=[48, 1, 1], dilations=[6, 12, 18])
+    assert sum("reaches no neighbour" in r.getMessage() for r in caplog.records) == 3
+    x = torch.randn(5, 48, 1, 1)
+    for conv in dream.dilated:
+        centre = F.conv2d(x, conv.weight[:, :, 1:2, 1:2], conv.bias)
+        assert torch.allclose(conv(x), centre, atol=1e-6)
+    # the whole module ignores every off-centre weight (and they get no gradient) ...
+    inp = torch.randn(5, 48)
+    before = dream(inp)
+    before.sum().backward()
+    for conv in dream.dilated:
+        assert conv.weight.grad[_off_centre(conv)].abs().max() == 0
+    with torch.no_grad():
+        for conv in dream.dilated:
+            conv.weight[_off_centre(conv)] += 1.0
+    assert torch.allclose(dream(inp), before, atol=1e-6)
+
+
+def test_on_a_spatial_map_off_centre_taps_matter(caplog):
+    # ... while on a 4x4 map with fitting rates they do, and no warning is logged
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.dream"):
+        dream = DREAM(48, 16)
+    assert not caplog.records
+    inp = torch.randn(5, 48)
+    before = dream(inp)
+    with torch.no_grad():
+        for conv in dream.dilated:
+            conv.weight[_off_centre(conv)] += 1.0
+    assert not torch.allclose(dream(inp), before, atol=1e-3)
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def _dense_knn_reference(features, k, valid):
+    """Brute force: full similarity matrix, top-k per row, symmetrise, self-loops, D^-1/2 A D^-1/2."""
+    n = features.shape[0]
+    normed = F.normalize(features, dim=1)
+    sim = normed @ normed.T
+    sim[:, ~valid] = -float("inf")
+    sim.fill_diagonal_(-float("inf"))
+    a = torch.zeros(n, n)
+    for i in valid.nonzero().flatten().tolist():
+        a[i, sim[i].topk(k).indices] = 1.0
+    a = torch.maximum(a, a.T) + torch.diag(valid.float())
+    deg = a.sum(1)
+    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
+    return inv[:, None] * a * inv[None, :]
+
+
+def test_knn_graph_equals_dense_brute_force():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(30, 6, generator=g)
+    feats[0] = 0.0  # padding row: no features
+    mask = torch.ones(30, dtype=torch.bool)
+    mask[7] = False  # an item whose features are missing
+    graph = build_knn_graph(feats, 4, mask=mask, block_size=7)  # several blocks, one partial
+    valid = mask & (feats.abs().sum(1) > 0)
+    expected = _dense_knn_reference(feats, 4, valid)
+    dense = graph.to_dense()
+    assert graph.is_sparse and graph.shape == (30, 30)
+    assert torch.allclose(dense, expected, atol=1e-6)
+    assert torch.equal(dense, dense.T)
+    assert dense[0].abs().sum() == 0 and dense[7].abs().sum() == 0
+
+
+def _peak_cpu_bytes(fn):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def test_blockwise_knn_build_peaks_below_the_dense_similarity_matrix():
+    n = 3000
+    feats = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    blockwise = _peak_cpu_bytes(lambda: build_knn_graph(feats, 10, block_size=256))
+    dense = _peak_cpu_bytes(lambda: (F.normalize(feats, dim=1) @ F.normalize(feats, dim=1).T).topk(11, dim=1))
+    assert dense >= n * n * 4  # the n x n float32 similarity matrix
+    assert blockwise < dense / 3
+
+
+def test_knn_graph_cache_is_reused_and_keyed_by_the_features(tmp_path, monkeypatch):
+    feats = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    first = load_or_build_knn_graph(feats, 3, tmp_path, name="image")
+    files = list(tmp_path.glob("knn_image_k3_*.pt"))
+    assert len(files) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached graph must not be rebuilt")
+
+    monkeypatch.setattr(graph_mod, "build_knn_graph", fail)
+    again = load_or_build_knn_graph(feats, 3, tmp_path, name="image")
+    assert torch.equal(again.to_dense(), first.to_dense())
+    monkeypatch.undo()
+
+    changed = feats.clone()
+    changed[3] = -changed[3]
+    other = load_or_build_knn_graph(changed, 3, tmp_path, name="image")
+    assert len(list(tmp_path.glob("knn_image_k3_*.pt"))) == 2
+    assert torch.allclose(other.to_dense(), build_knn_graph(changed, 3).to_dense())
+    assert not torch.equal(other.to_dense(), first.to_dense())
+
+
+def test_normalised_user_item_adjacency():
+    users = torch.tensor([0, 0, 1, 2, 2, 2, 0])  # (0, 1) appears twice: counted once
+    items = torch.tensor([1, 2, 2, 0, 1, 3, 1])
+    r = torch.zeros(3, 4)
+    r[users, items] = 1.0
+    du, di = r.sum(1), r.sum(0)
+    expected = r / du.sqrt()[:, None] / di.sqrt()[None, :]
+    mat = normalized_interaction_matrix(users, items, 3, 4).to_dense()
+    assert torch.allclose(mat, expected)
+    adj = normalized_bipartite_adjacency(users, items, 3, 4).to_dense()
+    assert adj.shape == (7, 7)
+    assert torch.allclose(adj[:3, 3:], expected) and torch.allclose(adj[3:, :3], expected.T)
+    assert adj[:3, :3].abs().sum() == 0 and adj[3:, 3:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- model (needs the foundation)
+
+BASE = {
+    "modalities": ["image", "text"],
+    "embedding_size": 16,
+    "reduction_ratio": 2,  # planted dims (32, 24) -> d = 12 -> a 1x3x4 map
+    "knn_k": 5,
+    "train_batch_size": 256,
+    "learning_rate": 0.01,
+    "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"},
+    "show_progress": False,
+    "state": "WARNING",
+    "seed": 2025,
+}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from recbole_mm.data.synthetic import make_planted_dataset
+
+    root = tmp_path_factory.mktemp("mambarec")
+    data_path = make_planted_dataset(root / "data")
+    return {"data_path": data_path, "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
+
+
+def _prepare(planted, **overrides):
+    from recbole_mm.config import Config
+    from recbole_mm.registry import create_dataset
+
+    config = Config(model="MambaRec", dataset="planted", config_dict={**BASE, **planted, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    return config, train, valid, test
+
+
+def _model(planted, **overrides):
+    from recbole_mm.registry import get_model
+
+    config, train, valid, test = _prepare(planted, **overrides)
+    return get_model("MambaRec")(config, train._dataset), train
+
+
+def test_registry_finds_mambarec():
+    from recbole_mm.model.general_recommender import MambaRec
+    from recbole_mm.registry import get_model
+
+    assert get_model("MambaRec") is MambaRec
+
+
+def test_reduction_dream_and_loss_terms(planted):
+    model, train = _model(planted)
+    assert [v.reduce.out_features for v in model.views] == [12, 12]  # floor(min(32, 24) / 2)
+    assert [v.reduce.in_features for v in model.views] == [32, 24]
+    dreams = [v.refine for v in model.views]
+    assert all(isinstance(m, DREAM) for m in dreams) and dreams[0] is not dreams[1]
+    assert dreams[0].map_shape == (1, 3, 4)
+    assert not any(k.startswith("views.0.features") or "item_graph" in k for k in model.state_dict())
+
+    model.train()
+    batch = next(iter(train))
+    losses = model.calculate_loss(batch)
+    assert len(losses) == 4 and all(torch.isfinite(t) and t.dim() == 0 for t in losses)
+    bpr, cl, mmd, reg = losses
+    assert cl.item() != 0 and mmd.item() != 0 and reg.item() > 0
+    sum(losses).backward()
+    one = model.calculate_loss(batch[:1])  # a last batch of one interaction: no alignment terms
+    assert one[1].item() == 0 and one[2].item() == 0 and torch.isfinite(one[0])
+    for name in ("user_embedding.weight", "item_embedding.weight", "views.0.refine.dilated.0.weight",
+                 "views.1.reduce.weight", "fuser.query.0.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_switches(planted):
+    model, train = _model(planted, use_dream=False, use_mmd=False, dream_shared=True)
+    assert all(isinstance(v.refine, torch.nn.Linear) for v in model.views)
+    model.train()
+    _, cl, mmd, _ = model.calculate_loss(next(iter(train)))
+    assert mmd.item() == 0 and cl.item() != 0
+
+    shared, _ = _model(planted, dream_shared=True, dream_map_shape=[12, 1, 1])
+    assert shared.views[0].refine is shared.views[1].refine
+    assert shared.views[0].refine.map_shape == (12, 1, 1)
+
+    single, train = _model(planted, modalities=["image"])
+    assert len(single.views) == 1 and single.views[0].reduce.out_features == 16  # floor(32 / 2)
+    single.train()
+    _, cl, mmd, _ = single.calculate_loss(next(iter(train)))
+    assert cl.item() == 0 and mmd.item() == 0
+
+
+def test_cached_full_sort_equals_predict_and_is_cleared_on_train(planted):
+    model, train = _model(planted)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    opt.step()  # move away from the initial parameters
+    model.eval()
+    n_users, n_items = model.n_users, model.n_items
+    users = torch.arange(n_users)
+    full = model.full_sort_predict({model.USER_ID: users}).view(n_users, n_items)
+    assert model.restore_user_e is not None and model.restore_item_e is not None
+    pairs = {model.USER_ID: users.repeat_interleave(n_items), model.ITEM_ID: torch.arange(n_items).repeat(n_users)}
+    assert torch.allclose(model.predict(pairs).view(n_users, n_items), full, atol=1e-5)
+    with torch.no_grad():
+        u, i, _ = model.forward()
+    assert torch.allclose(full, u @ i.T, atol=1e-5)
+
+    # a checkpoint holds the parameters only (features and graphs are rebuilt from the dataset)
+    reloaded, _ = _model(planted)
+    reloaded.load_state_dict(model.state_dict())
+    reloaded.eval()
+    assert torch.allclose(reloaded.full_sort_predict({model.USER_ID: users}).view(n_users, n_items), full, atol=1e-5)
+
+    model.train()
+    assert model.restore_user_e is None and model.restore_item_e is None
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    opt.step()
+    model.eval()
+    after = model.full_sort_predict({model.USER_ID: users}).view(n_users, n_items)
+    assert not torch.allclose(after, full, atol=1e-4)  # a stale cache would return the old scores
+
+
+def test_training_beats_untrained_and_popularity(planted, tmp_path, monkeypatch):
+    from recbole_mm.registry import get_model, get_trainer
+
+    monkeypatch.chdir(tmp_path)  # RecBole's trainer writes ./log_tensorboard
+    config, train, valid, test = _prepare(planted, epochs=4, stopping_step=10)
+    model = get_model("MambaRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "MambaRec")(config, model)
+    untrained = trainer.evaluate(test, load_best_model=False, show_progress=False)["recall@10"]
+    trainer.fit(train, valid, saved=False, show_progress=False)
+    trained = trainer.evaluate(test, load_best_model=False, show_progress=False)["recall@10"]
+
+    pop = get_model("Pop")(config, train._dataset)
+    for batch in train:  # Pop's "training" counts the positive items
+        pop.calculate_loss(batch)
+    popular = get_trainer(config["MODEL_TYPE"], "Pop")(config, pop).evaluate(
+        test, load_best_model=False, show_progress=False)["recall@10"]
+    assert trained > untrained + 0.2, (trained, untrained)
+    assert trained > popular + 0.2, (trained, popular)

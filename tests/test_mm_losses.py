@@ -1,0 +1,138 @@
+"""MMD, InfoNCE and the loss mixins (recbole_mm.model.loss)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_mm.model.loss.infonce import InfoNCELoss
+from recbole_mm.model.loss.kernels import gaussian_kernel
+from recbole_mm.model.loss.mixins import AlignmentLossMixin, BPRLossMixin, EmbRegLossMixin
+from recbole_mm.model.loss.mmd import MMDLoss
+
+
+def _mmd_by_hand(x, y, sigma):
+    """Unbiased MMD^2 with loops over the samples (Gretton et al. 2012, eq. 3)."""
+    k = lambda a, b: math.exp(-float(((a - b) ** 2).sum()) / (2 * sigma**2))  # noqa: E731
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_mmd_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g) + 0.7
+    assert MMDLoss(1.5)(x, y).item() == pytest.approx(_mmd_by_hand(x, y, 1.5), rel=1e-5)
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_grows_with_mean_shift():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 4, generator=g), torch.randn(300, 4, generator=g)
+    mmd = MMDLoss([1.0])
+    same = mmd(x, y).item()
+    shifted = [mmd(x, y + s).item() for s in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.01
+    assert shifted[0] > 10 * abs(same) + 0.01
+    assert shifted == sorted(shifted)
+
+
+def test_mmd_is_unbiased_where_the_papers_v_statistic_is_not():
+    # averaged over many pairs of samples of N(0, I), the U-statistic is ~0, while eq. 8's
+    # biased form keeps the diagonal k(x, x) = 1 and sits ~ 2/n - (cross term) above it
+    g = torch.Generator().manual_seed(2)
+    mmd = MMDLoss(1.0)
+    unbiased, biased = [], []
+    for _ in range(300):
+        x, y = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g)
+        unbiased.append(mmd(x, y).item())
+        biased.append((gaussian_kernel(x).mean() + gaussian_kernel(y).mean() - 2 * gaussian_kernel(x, y).mean()).item())
+    assert abs(sum(unbiased) / 300) < 0.01
+    assert sum(biased) / 300 > 0.05
+
+
+def test_multi_bandwidth_mmd_is_the_sum_over_bandwidths():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20, 3, generator=g), torch.randn(25, 3, generator=g) + 0.3
+    total = MMDLoss([0.5, 1.0, 2.0])(x, y)
+    parts = sum(MMDLoss(s)(x, y) for s in (0.5, 1.0, 2.0))
+    assert total.item() == pytest.approx(parts.item(), rel=1e-5)
+
+
+def test_mmd_gradient_step_pulls_the_samples_together():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 2, generator=g)
+    y = (torch.randn(50, 2, generator=g) + 1.5).requires_grad_()
+    mmd = MMDLoss(1.0)
+    before = mmd(x, y)
+    before.backward()
+    after = mmd(x, y.detach() - 0.5 * y.grad)
+    assert after.item() < before.item()
+
+
+def test_mmd_rejects_bad_input():
+    with pytest.raises(ValueError, match="bandwidth"):
+        MMDLoss([1.0, 0.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        MMDLoss()(torch.randn(1, 3), torch.randn(4, 3))
+
+
+def test_infonce_matches_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.1], [0.5, 1.0], [-1.0, 1.0]])
+    tau = 0.2
+
+    def cos(u, v):
+        return float(u @ v) / (float(u.norm()) * float(v.norm()))
+
+    expected = 0.0
+    for i in range(3):
+        logits = [cos(a[i], b[j]) / tau for j in range(3)]
+        expected -= logits[i] - math.log(sum(math.exp(s) for s in logits))
+    assert InfoNCELoss(tau)(a, b).item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_infonce_prefers_matched_views_and_checks_shapes():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(16, 8, generator=g)
+    loss = InfoNCELoss(0.2)
+    matched = loss(a, a + 0.05 * torch.randn(16, 8, generator=g))
+    shuffled = loss(a, a[torch.randperm(16, generator=g)])
+    assert matched.item() < shuffled.item()
+    with pytest.raises(ValueError, match="same items"):
+        loss(a, a[:4])
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(0.0)
+
+
+class _Model(BPRLossMixin, EmbRegLossMixin, AlignmentLossMixin, torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.init_alignment_losses([1.0, 2.0], 0.5)
+
+
+def test_mixins_bpr_and_embedding_regulariser():
+    model = _Model()
+    pos, neg = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.5, 1.0])
+    expected = -F.logsigmoid(pos - neg).mean()
+    assert model.bpr_loss(pos, neg).item() == pytest.approx(expected.item(), rel=1e-5)
+    u, i = torch.randn(4, 3), torch.randn(4, 3)
+    # RecBole's EmbLoss(require_pow=True): sum of squared norms / (2 * batch)
+    assert model.emb_reg_loss(u, i).item() == pytest.approx(((u**2).sum() + (i**2).sum()).item() / 8, rel=1e-5)
+    assert list(model.state_dict()) == []  # the losses hold no parameters or buffers
+
+
+def test_alignment_losses_average_over_modality_pairs():
+    model = _Model()
+    g = torch.Generator().manual_seed(6)
+    views = [torch.randn(10, 4, generator=g) + s for s in (0.0, 0.5, 1.0)]
+    mmd, cl = model.alignment_losses(views)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected_mmd = sum(MMDLoss([1.0, 2.0])(views[i], views[j]).item() for i, j in pairs) / 3
+    expected_cl = sum(InfoNCELoss(0.5)(views[i], views[j]).item() for i, j in pairs) / 3
+    assert mmd.item() == pytest.approx(expected_mmd, rel=1e-5)
+    assert cl.item() == pytest.approx(expected_cl, rel=1e-5)
+    one_mmd, one_cl = model.alignment_losses(views[:1])
+    assert one_mmd.item() == 0.0 and one_cl.item() == 0.0
