@@ -166,3 +166,20 @@ def test_ml100k_text_features_are_computed_cached_and_aligned(tmp_path):
     stamp = (cache / "title_feat.npy").stat().st_mtime_ns
     create_dataset(Config(model="BPR", dataset="ml-100k", config_dict={"state": "WARNING"}))
     assert (cache / "title_feat.npy").stat().st_mtime_ns == stamp
+
+
+def test_mask_file_marks_items_without_features(broken):
+    root, folder = broken
+    tokens = read_atomic_columns(folder / "bad.item", ["item_id"])["item_id"].tolist()
+    mask = np.ones(len(tokens), dtype=bool)
+    mask[[0, 5]] = False  # e.g. no image for these two items
+    np.save(folder / "image_mask.npy", mask)
+    _, ds = build("BPR", "bad", root)
+    for r in (0, 5):
+        iid = ds.token2id(ds.iid_field, tokens[r])
+        assert not ds.item_feature_mask["image"][iid] and torch.all(ds.item_features["image"][iid] == 0)
+        assert ds.item_feature_mask["text"][iid]  # other modalities are unaffected
+    assert int(ds.item_feature_mask["image"].sum()) == len(tokens) - 2
+    np.save(folder / "image_mask.npy", mask.astype(np.int8))
+    with pytest.raises(FeatureFileError, match=r"image_mask.npy: expected a bool array of shape \(120,\)"):
+        build("BPR", "bad", root)

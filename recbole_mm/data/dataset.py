@@ -6,8 +6,10 @@ Format (SPEC §2): next to ``<ds>.inter`` / ``<ds>.item`` lies one ``<m>_feat.np
 to RecBole's internal item ids (``field2id_token``), so every model indexes features by item id:
 
 * ``dataset.item_features[m]`` — ``float32 [item_num, dim]``, row 0 (padding) all zeros;
-* ``dataset.item_feature_mask[m]`` — ``bool [item_num]``, False for padding and for items that
-  have no ``.item`` row (allowed up to ``feature_missing_tolerance``, a fraction of items).
+* ``dataset.item_feature_mask[m]`` — ``bool [item_num]``, False for padding, for items that
+  have no ``.item`` row (allowed up to ``feature_missing_tolerance``, a fraction of items), and
+  for rows marked False in an optional ``<m>_mask.npy`` (one bool per ``.item`` row); masked
+  items get zero feature rows.
 
 Bad input raises :class:`FeatureFileError` naming the file, what was expected and what was found.
 Nothing is truncated or padded silently.
@@ -36,6 +38,66 @@ class FeatureFileError(ValueError):
 SPLIT_LABELS = {"0": 0, "1": 1, "2": 2}  # MMRec's x_label: train, valid, test
 
 
+# Pure checks, shared with ``python -m recbole_mm.prepare`` so that a prepared dataset passes the
+# loader by construction.
+def unique_item_index(tokens, item_file) -> pd.Index:
+    """Item tokens in ``.item`` data-row order (feature row r <-> position r); they must be unique."""
+    index = pd.Index(tokens)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()[:5].tolist()
+        raise FeatureFileError(f"{item_file}: item ids are not unique (e.g. {dup}); "
+                               "feature rows would be ambiguous")
+    return index
+
+
+def check_inter_items(inter_items: pd.Index, item_rows: pd.Index, tolerance: float, inter_name: str,
+                      item_file) -> pd.Index:
+    """The items of ``.inter`` that have no ``.item`` row; an error when they are more than
+    ``tolerance`` (a fraction) of the interacted items."""
+    unknown = inter_items[item_rows.get_indexer(inter_items) < 0]
+    share = len(unknown) / max(len(inter_items), 1)
+    if share > tolerance:
+        raise FeatureFileError(
+            f"{inter_name}: {len(unknown)} of {len(inter_items)} items ({share:.2%}) are not in "
+            f"{item_file} (e.g. {unknown[:5].tolist()}); feature_missing_tolerance is {tolerance}. "
+            "Add the items to .item (with feature rows) or raise feature_missing_tolerance.")
+    return unknown
+
+
+def check_feature_array(feat, path, n_rows: int, item_file_name: str, modality: str, expected_dim=None) -> np.ndarray:
+    """``feat`` (read from ``path``) as float32 after checking its shape against the ``.item`` rows,
+    its width against ``expected_dim`` and its values for NaN / Inf."""
+    if feat.ndim != 2 or feat.shape[0] != n_rows:
+        raise FeatureFileError(
+            f"{path}: expected shape ({n_rows}, dim) — one row per data row of {item_file_name} — "
+            f"but found {feat.shape}")
+    if expected_dim is not None and feat.shape[1] != int(expected_dim):
+        raise FeatureFileError(
+            f"{path}: modality_dims says '{modality}' is {expected_dim}-d but the file has {feat.shape[1]} columns")
+    feat = np.asarray(feat, dtype=np.float32)
+    bad = ~np.isfinite(feat).all(axis=1)
+    if bad.any():
+        raise FeatureFileError(
+            f"{path}: {int(bad.sum())} rows hold NaN or Inf (first at row {int(np.argmax(bad))})")
+    return feat
+
+
+def check_feature_mask(mask, path, n_rows: int, item_file_name: str) -> np.ndarray:
+    """An optional ``<m>_mask.npy``: one bool per ``.item`` row, False = the item has no feature
+    (e.g. no image); its feature row is then ignored, whatever it holds."""
+    if mask.dtype != bool or mask.shape != (n_rows,):
+        raise FeatureFileError(f"{path}: expected a bool array of shape ({n_rows},) — one entry per data row "
+                               f"of {item_file_name} — but found {mask.dtype} {mask.shape}")
+    return np.asarray(mask)
+
+
+def check_split_labels(label_field: str, values) -> None:
+    """MMRec's split column may hold only 0/1/2."""
+    unknown = set(values) - set(SPLIT_LABELS)
+    if unknown:
+        raise FeatureFileError(f"{label_field} must hold only 0/1/2 (train/valid/test); found {unknown}")
+
+
 class MultimodalMixin:
     """Feature loading and label-based splitting shared by both dataset classes."""
 
@@ -61,23 +123,13 @@ class MultimodalMixin:
                 f"{self._item_file}: missing; multimodal features are aligned to the rows of the "
                 f".item file, so modalities {self.modalities} need it")
         tokens = read_atomic_columns(self._item_file, [self.iid_field], self.config["field_separator"])[self.iid_field]
-        index = pd.Index(tokens)
-        if not index.is_unique:
-            dup = index[index.duplicated()].unique()[:5].tolist()
-            raise FeatureFileError(f"{self._item_file}: item ids are not unique (e.g. {dup}); "
-                                   "feature rows would be ambiguous")
-        return index
+        return unique_item_index(tokens, self._item_file)
 
     def _check_unknown_items(self):
         inter_items = pd.Index(pd.unique(self.inter_feat[self.iid_field].astype(str)))
-        unknown = inter_items[self._item_rows.get_indexer(inter_items) < 0]
-        share = len(unknown) / max(len(inter_items), 1)
         tolerance = float(self.config["feature_missing_tolerance"] or 0.0)
-        if share > tolerance:
-            raise FeatureFileError(
-                f"{self.dataset_name}.inter: {len(unknown)} of {len(inter_items)} items ({share:.2%}) are not in "
-                f"{self._item_file} (e.g. {unknown[:5].tolist()}); feature_missing_tolerance is {tolerance}. "
-                "Add the items to .item (with feature rows) or raise feature_missing_tolerance.")
+        unknown = check_inter_items(inter_items, self._item_rows, tolerance, f"{self.dataset_name}.inter",
+                                    self._item_file)
         if len(unknown):
             self.logger.warning(f"{len(unknown)} items of .inter have no .item row: their features are masked")
 
@@ -102,25 +154,17 @@ class MultimodalMixin:
     # ----------------------------------------------------------------- alignment
     def _load_modality(self, modality: str):
         path = self._feature_file(modality)
-        feat = np.load(path, mmap_mode="r")
-        n_rows = len(self._item_rows)
-        if feat.ndim != 2 or feat.shape[0] != n_rows:
-            raise FeatureFileError(
-                f"{path}: expected shape ({n_rows}, dim) — one row per data row of {self._item_file.name} — "
-                f"but found {feat.shape}")
         expected_dim = (self.config["modality_dims"] or {}).get(modality)
-        if expected_dim is not None and feat.shape[1] != int(expected_dim):
-            raise FeatureFileError(
-                f"{path}: modality_dims says '{modality}' is {expected_dim}-d but the file has {feat.shape[1]} columns")
-        feat = np.asarray(feat, dtype=np.float32)
-        bad = ~np.isfinite(feat).all(axis=1)
-        if bad.any():
-            raise FeatureFileError(
-                f"{path}: {int(bad.sum())} rows hold NaN or Inf (first at row {int(np.argmax(bad))})")
+        feat = check_feature_array(np.load(path, mmap_mode="r"), path, len(self._item_rows), self._item_file.name,
+                                   modality, expected_dim)
 
         tokens = self.field2id_token[self.iid_field]
         rows = self._item_rows.get_indexer(pd.Index(tokens[1:].astype(str)))  # -1: no .item row
         has_row = rows >= 0
+        mask_file = path.with_name(f"{modality}_mask.npy")
+        if mask_file.is_file():  # written by `prepare images` for items without an image
+            present = check_feature_mask(np.load(mask_file), mask_file, len(self._item_rows), self._item_file.name)
+            has_row[has_row] = present[rows[has_row]]
         out = torch.zeros(len(tokens), feat.shape[1], dtype=torch.float32)
         out[1:][torch.from_numpy(has_row)] = torch.from_numpy(feat[rows[has_row]])
         mask = torch.zeros(len(tokens), dtype=torch.bool)
@@ -140,10 +184,9 @@ class MultimodalMixin:
                 f"loaded (add it to load_col: inter)")
         self._change_feat_format()
         tokens = self.field2id_token[label_field]
+        check_split_labels(label_field, tokens[1:])  # tokens[0] is RecBole's padding token
         code = np.array([SPLIT_LABELS.get(str(t), -1) for t in tokens])
         labels = torch.from_numpy(code)[self.inter_feat[label_field]]
-        if bool((labels < 0).any()):
-            raise FeatureFileError(f"{label_field} must hold only 0/1/2 (train/valid/test); found {set(tokens[1:]) - set(SPLIT_LABELS)}")
         return [self.copy(self.inter_feat[labels == part]) for part in (0, 1, 2)]
 
 

