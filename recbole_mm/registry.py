@@ -32,10 +32,11 @@ from recbole_mm.data.dataset import MMGeneralDataset, MMSequentialDataset
 
 #: our models: name -> module (the class of the same name lives there)
 MODELS = {
+    "FindRec": "recbole_mm.model.sequential_recommender.findrec",
     "MambaRec": "recbole_mm.model.general_recommender.mambarec",
 }
 #: our trainers: model name -> "module:Class"; models not listed use RecBole's choice
-TRAINERS = {}
+TRAINERS = {"FindRec": "recbole_mm.trainer.findrec_trainer:FindRecTrainer"}
 #: multimodal dataset class per model type
 DATASETS = {ModelType.GENERAL: MMGeneralDataset, ModelType.SEQUENTIAL: MMSequentialDataset}
 _MODEL_PACKAGE = {ModelType.GENERAL: "general_recommender", ModelType.SEQUENTIAL: "sequential_recommender"}

@@ -82,3 +82,22 @@ def test_pinned_versions_recbole_needs():
 
     assert int(pandas.__version__.split(".")[0]) < 3, "RecBole 1.2.1's loaders break on pandas 3"
     assert hyperopt.__version__ == "0.2.5", "RecBole's exhaustive search breaks on hyperopt 0.3"
+
+
+def test_recbole_import_leaves_autograd_anomaly_detection_off(monkeypatch):
+    import torch
+
+    # what importing RecBole's sequential models does (sine.py), e.g. on the first get_model call
+    for name in [m for m in sys.modules if m.startswith("recbole.model.sequential_recommender")]:
+        monkeypatch.delitem(sys.modules, name)
+    import recbole.model
+
+    monkeypatch.delattr(recbole.model, "sequential_recommender")
+    importlib.import_module("recbole.model.sequential_recommender")
+    try:
+        assert torch.is_anomaly_enabled()
+    finally:
+        for name in [m for m in sys.modules if m.startswith("recbole.model.sequential_recommender")]:
+            del sys.modules[name]
+    compat.disable_recbole_anomaly_detection()
+    assert not torch.is_anomaly_enabled()

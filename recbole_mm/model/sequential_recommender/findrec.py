@@ -1,0 +1,215 @@
+"""FindRec: Stein-guided entropic flow for multimodal sequential recommendation.
+
+Reference: M. Wang, Y. Xiao, B. Wang, et al., "FindRec: Stein-Guided Entropic Flow for
+Multi-Modal Sequential Recommendation", KDD'25. No public code; the paper's text as fixed by
+SPEC §4 is the specification.
+"""
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
+from recbole_mm.model.layers.mamba import MambaEncoder
+from recbole_mm.model.loss.stein import IICMLoss
+
+
+class ModalityStream(nn.Module):
+    """One modality's sequence encoder: the item's feature row (looked up by item id in a
+    non-persistent buffer, so checkpoints hold no features) -> ``W_m f_m`` (``align_dim``) ->
+    dropout -> Mamba blocks. With ``variational`` (IICM's ``kl`` entropy) a linear head turns each
+    state into a Gaussian ``(mu, logvar)``; the stream's output is a reparameterised sample while
+    training and ``mu`` at evaluation."""
+
+    def __init__(self, features: torch.Tensor, has_feature: torch.Tensor, align_dim: int, n_layers: int,
+                 dropout: float, mamba_args: dict, variational: bool):
+        super().__init__()
+        self.register_buffer("features", features, persistent=False)
+        self.register_buffer("has_feature", has_feature, persistent=False)
+        self.proj = nn.Linear(features.shape[1], align_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = MambaEncoder(n_layers, align_dim, dropout=dropout, **mamba_args)
+        self.posterior = nn.Linear(align_dim, 2 * align_dim) if variational else None
+
+    def forward(self, item_seq: torch.Tensor):
+        """``item_seq: [B, L]`` -> ``(states [B, L, align_dim], mu, logvar)`` (``None`` without
+        the variational head)."""
+        states = self.encoder(self.dropout(self.proj(self.features[item_seq])))
+        if self.posterior is None:
+            return states, None, None
+        mu, logvar = self.posterior(states).chunk(2, dim=-1)
+        if self.training:
+            states = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        else:
+            states = mu
+        return states, mu, logvar
+
+
+class FindRec(SequentialRecommender):
+    r"""FindRec (KDD'25), "information flow - control - output" over ID and modality streams.
+
+    - Streams (sec. 2.1): the item-ID embeddings (``embedding_size``) and, per modality ``m``,
+      ``W_m f_m`` (``align_dim``) each pass ``n_layers`` Mamba blocks
+      ``x + alpha Dropout(Mamba(LN(x)))`` + FFN; the last valid position gives ``z_ID``, ``z_m``.
+    - Cross-modal attention (eq. 2; SPEC §4): per head, queries from the first modality of a pair
+      (the paper's image), keys/values from the second, over positions with causal and padding
+      masks (keys also masked where an item has no feature row), residual; last valid position.
+    - Expert routing (eq. 3): per-head soft router over ``n_experts`` MLP experts, heads concatenated.
+    - Output (eq. 3-4): ``S = FFN(Concat(z_ID, O_exp))`` -> ``embedding_size``; logits
+      ``S E_item^T``; cross-entropy over all items.
+    - IICM (eq. 1-2, sec. 2.2): ``1 - mean K(z_a, z_b)`` (RBF, adaptive median bandwidth) per pair,
+      plus ``entropy_weight`` x a Stein (or KL) entropy term per modality; total loss
+      ``L_CE + iicm_weight * L_IICM`` (eq. 5).
+
+    Modalities are the dataset's (``dataset.modalities``, config order). With one modality the
+    cross-modal attention and the IICM alignment are skipped (logged); the router still refines
+    that modality's ``z``. With more than two, ``cross_pairs`` (default: the first modality with
+    each other one) lists the ``[query, key]`` pairs; each gets its own router/experts and its
+    ``O_exp`` is concatenated.
+
+    Choices where the paper is silent (also in properties/model/FindRec.yaml):
+    ``use_cross_attn: False`` fuses a pair by ``z_a + z_b`` (the attention's residual with the key
+    stream's own last state in place of the attended mix), so the second modality still reaches
+    the output; FFNs are ``d -> 4d -> d`` with GELU; the item embedding is initialised
+    ``N(0, 0.02^2)`` as RecBole's SASRec, Mamba keeps mamba-ssm's initialisation.
+
+    Expert load: the routers accumulate it over training batches; when the model is switched to
+    evaluation (RecBole's trainer does so before each validation) it is logged and reset.
+
+    Hyperparameters: ``embedding_size`` (64), ``align_dim`` (256), ``n_layers`` (2), ``d_state``
+    (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
+    (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
+    ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
+    ``cross_pairs``; switches ``use_cross_attn``, ``use_iicm``, ``use_moe``, ``use_entropy``.
+    """
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        if config["loss_type"] != "CE":
+            raise ValueError(f"FindRec trains with cross-entropy over all items; loss_type must be 'CE', "
+                             f"got {config['loss_type']!r}")
+        if config["train_neg_sample_args"].get("distribution", "none") != "none":
+            raise ValueError("FindRec scores all items with cross-entropy: set train_neg_sample_args: ~ "
+                             f"(got {config['train_neg_sample_args']})")
+        self.logger = logging.getLogger()
+        emb, align = config["embedding_size"], config["align_dim"]
+        n_layers, n_heads, dropout = config["n_layers"], config["n_heads"], config["dropout_prob"]
+        mamba_args = dict(d_state=config["d_state"], d_conv=config["d_conv"], expand=config["expand"],
+                          backend=config["mamba_backend"])
+        use_cross_attn, use_iicm, use_moe = config["use_cross_attn"], config["use_iicm"], config["use_moe"]
+        entropy = config["iicm_entropy"] if config["use_entropy"] else None
+        self.iicm_weight = config["iicm_weight"]
+        self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
+
+        self.modalities = list(dataset.modalities or [])
+        if not self.modalities:
+            raise ValueError("FindRec needs at least one modality: set `modalities` (e.g. in the dataset YAML)")
+        self.pairs = self._cross_pairs(config["cross_pairs"])
+
+        self.item_embedding = nn.Embedding(self.n_items, emb, padding_idx=0)
+        self.id_dropout = nn.Dropout(dropout)
+        self.id_encoder = MambaEncoder(n_layers, emb, dropout=dropout, **mamba_args)
+        self.streams = nn.ModuleList(
+            ModalityStream(dataset.item_features[m], dataset.item_feature_mask[m], align, n_layers, dropout,
+                           mamba_args, variational=use_iicm and entropy == "kl")
+            for m in self.modalities)
+        self.cross_attn = CrossModalAttention(n_heads) if use_cross_attn and self.pairs else None
+        # one router/expert set per fused pair; a single modality is routed on its own
+        self.moes = nn.ModuleList(CrossModalMoE(align, n_heads, config["n_experts"], dropout, use_moe)
+                                  for _ in range(max(len(self.pairs), 1)))
+        self.iicm = IICMLoss(entropy, config["entropy_weight"], config["iicm_sigma"],
+                             config["stein_eta"]) if use_iicm else None
+        fused = emb + align * len(self.moes)
+        self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(4 * emb, emb))
+        self.loss_fct = nn.CrossEntropyLoss()
+
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def _cross_pairs(self, cross_pairs: Optional[Sequence[Sequence[str]]]) -> List[Tuple[int, int]]:
+        """``[(query view index, key view index)]`` from ``cross_pairs`` (names)."""
+        if len(self.modalities) == 1:
+            self.logger.warning(f"FindRec with one modality ({self.modalities[0]}): cross-modal attention "
+                                "and the IICM alignment are skipped")
+            return []
+        if cross_pairs is None:
+            return [(0, j) for j in range(1, len(self.modalities))]
+        pairs = []
+        for pair in cross_pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or any(m not in self.modalities for m in pair):
+                raise ValueError(f"cross_pairs entry {pair!r} must name two different modalities of {self.modalities}")
+            pairs.append((self.modalities.index(pair[0]), self.modalities.index(pair[1])))
+        if not pairs:
+            raise ValueError("cross_pairs is empty; leave it unset (~) for the default pairs")
+        return pairs
+
+    def _encode(self, item_seq, item_seq_len):
+        """Sequence representation ``S: [B, embedding_size]``, each view's last state ``z_m``,
+        and (``kl`` only) each view's last ``(mu, logvar)``."""
+        last = item_seq_len - 1
+        z_id = self.gather_indexes(self.id_encoder(self.id_dropout(self.item_embedding(item_seq))), last)
+        states, views, posteriors = [], [], []
+        for stream in self.streams:
+            seq, mu, logvar = stream(item_seq)
+            states.append(seq)
+            views.append(self.gather_indexes(seq, last))
+            if mu is not None:
+                posteriors.append((self.gather_indexes(mu, last), self.gather_indexes(logvar, last)))
+
+        fused = []
+        if not self.pairs:
+            fused.append(self.moes[0](views[0]))
+        for (i, j), moe in zip(self.pairs, self.moes):
+            if self.cross_attn is not None:
+                key_mask = (item_seq != 0) & self.streams[j].has_feature[item_seq]
+                o = self.gather_indexes(self.cross_attn(states[i], states[j], key_mask), last)
+            else:
+                o = views[i] + views[j]
+            fused.append(moe(o))
+        seq_output = self.output_ffn(torch.cat([z_id] + fused, dim=-1))
+        return seq_output, views, posteriors
+
+    def forward(self, item_seq, item_seq_len):
+        return self._encode(item_seq, item_seq_len)[0]
+
+    def calculate_loss(self, interaction):
+        seq_output, views, posteriors = self._encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        logits = seq_output @ self.item_embedding.weight.t()
+        losses = [self.loss_fct(logits, interaction[self.POS_ITEM_ID])]
+        if self.iicm is not None:
+            losses.append(self.iicm_weight * self.iicm(views, self.pairs, posteriors or None))
+        if self.moe_balance_weight > 0:
+            losses.append(self.moe_balance_weight * sum(m.balance_loss() for m in self.moes) / len(self.moes))
+        return tuple(losses) if len(losses) > 1 else losses[0]
+
+    def predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return (seq_output * self.item_embedding(interaction[self.ITEM_ID])).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return seq_output @ self.item_embedding.weight.t()
+
+    def expert_load(self):
+        """``{pair name: (mean router weight, top-1 share) per expert}`` accumulated since the last
+        reset; empty without MoE or before any training batch."""
+        names = [f"{self.modalities[i]}->{self.modalities[j]}" for i, j in self.pairs] or self.modalities[:1]
+        return {name: load for name, moe in zip(names, self.moes) if (load := moe.expert_load()) is not None}
+
+    def train(self, mode: bool = True):
+        """Switching to evaluation logs the expert load of the training batches since the last switch."""
+        if not mode:
+            for name, (weight, top1) in self.expert_load().items():
+                self.logger.info(f"FindRec expert load [{name}]: mean router weight "
+                                 f"{[round(w, 3) for w in weight.tolist()]}, top-1 share {[round(t, 3) for t in top1.tolist()]}")
+            for moe in self.moes:
+                moe.reset_expert_load()
+        return super().train(mode)

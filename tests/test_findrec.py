@@ -1,0 +1,371 @@
+"""FindRec (KDD'25): Stein estimator and IICM loss, cross-modal attention and expert routing,
+the model's switches and masks, its trainer's schedule, and learning on the planted dataset."""
+
+import glob
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+
+from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
+from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
+from recbole_mm.trainer.findrec_trainer import cosine_with_warmup
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: with 2 threads, OpenMP synchronisation costs more than the work
+    (an epoch took 8.6 s with 2 threads and 1.0 s with 1 on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ Stein estimator and IICM
+
+
+def test_stein_estimator_recovers_the_score_of_a_gaussian():
+    # q = N(0, s^2 I): grad log q(x) = -x / s^2. Tolerance: the least-squares slope of the
+    # estimate against -x is 1/s^2 within 20 %, and the relative L2 error over the bulk
+    # (|x| < 2 s) is below 0.4 (a kernel estimator from 400 samples; seeds 0-7 give 0.2-0.33).
+    g = torch.Generator().manual_seed(0)
+    s = 2.0
+    z = torch.randn(400, 2, generator=g) * s
+    est = SteinEntropy(eta=0.1).score(z)
+    bulk = z.norm(dim=1) < 2 * s
+    slope = -(est * z)[bulk].sum() / (z * z)[bulk].sum()
+    assert slope.item() * s**2 == pytest.approx(1.0, abs=0.2)
+    true = -z / s**2
+    assert ((est - true)[bulk].norm() / true[bulk].norm()).item() < 0.4
+
+
+def test_stein_kernel_bandwidth_and_score_match_a_hand_computation():
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    zn = z.numpy().astype(np.float64)
+    dists = [np.linalg.norm(zn[i] - zn[j]) for i in range(4) for j in range(4) if i != j]
+    sigma = np.median(dists)  # median heuristic over off-diagonal pairs
+    K = np.array([[math.exp(-np.sum((a - b) ** 2) / (2 * sigma**2)) for b in zn] for a in zn])
+    # <grad, K>_i = sum_j d/dz_j k(z_j, z_i) = sum_j -(z_j - z_i) / sigma^2 k(z_j, z_i)
+    grad_k = np.array([sum(-(zn[j] - zn[i]) / sigma**2 * K[j, i] for j in range(4)) for i in range(4)])
+    expected = -np.linalg.solve(K + 0.5 * np.eye(4), grad_k)
+    got = SteinEntropy(eta=0.5).score(z)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stein_entropy_gradient_is_the_detached_score_and_raises_entropy():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(200, 3, generator=g).requires_grad_(True)
+    stein = SteinEntropy(eta=0.1)
+    stein(z).backward()
+    torch.testing.assert_close(z.grad, stein.score(z) / 200)
+    moved = (z - 20.0 * z.grad).detach()  # one descent step on L_ent spreads the sample out
+    assert moved.std() > z.detach().std() * 1.02
+    with pytest.raises(ValueError, match="stein_eta"):
+        SteinEntropy(eta=0.0)
+
+
+def test_iicm_alignment_by_hand_with_fixed_and_adaptive_bandwidth():
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    pair_d2 = [1.0, 0.0, 4.0]
+    fixed = IICMLoss(entropy=None, sigma=2.0)
+    assert fixed([a, b], [(0, 1)]).item() == pytest.approx(1 - np.mean([math.exp(-d / 8) for d in pair_d2]), rel=1e-6)
+    # adaptive: sigma = median distance over all 9 (a_i, b_j) pairs
+    sigma = np.median([np.linalg.norm(x - y) for x in a.numpy() for y in b.numpy()])
+    adaptive = IICMLoss(entropy=None)
+    expected = 1 - np.mean([math.exp(-d / (2 * sigma**2)) for d in pair_d2])
+    assert adaptive([a, b], [(0, 1)]).item() == pytest.approx(expected, rel=1e-6)
+    assert adaptive([a, a], [(0, 1)]).item() == pytest.approx(0.0, abs=1e-7)
+    # the loss pulls the pair together (the sign of eq. 2 is flipped)
+    moving = b.clone().requires_grad_(True)
+    adaptive([a, moving], [(0, 1)]).backward()
+    assert (a - (moving - moving.grad)).norm() < (a - b).norm()
+
+
+def test_iicm_entropy_terms():
+    g = torch.Generator().manual_seed(2)
+    views = [torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)]
+    align = IICMLoss(entropy=None)(views, [(0, 1)])
+    stein = IICMLoss(entropy="stein", entropy_weight=0.5)(views, [(0, 1)])
+    expected = align + 0.5 * (SteinEntropy(0.1)(views[0]) + SteinEntropy(0.1)(views[1])) / 2
+    assert stein.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
+    assert gaussian_kl(mu, logvar).item() == pytest.approx(0.5 * (1 + (2 - 1 - math.log(2))), rel=1e-6)
+    assert gaussian_kl(torch.zeros(3, 2), torch.zeros(3, 2)).item() == 0
+    kl = IICMLoss(entropy="kl", entropy_weight=2.0)([mu, mu], [(0, 1)], [(mu, logvar), (mu, logvar)])
+    assert kl.item() == pytest.approx(2.0 * gaussian_kl(mu, logvar).item(), rel=1e-6)  # alignment of equal views = 0
+    with pytest.raises(ValueError, match="needs the"):
+        IICMLoss(entropy="kl")(views, [(0, 1)])
+    with pytest.raises(ValueError, match="iicm_entropy"):
+        IICMLoss(entropy="mmd")
+
+# ------------------------------------------------------------------ cross-modal attention and routing
+
+
+def test_cross_attention_by_hand_for_one_head_and_position():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 6, generator=g), torch.randn(1, 4, 6, generator=g)
+    out = CrossModalAttention(n_heads=2)(q, k, torch.ones(1, 4, dtype=torch.bool))
+    # head 1 (dims 3..5) at position 2 attends to key positions 0..2
+    qh, kh = q[0, 2, 3:], k[0, :3, 3:]
+    w = torch.softmax(kh @ qh / math.sqrt(3), dim=0)
+    torch.testing.assert_close(out[0, 2, 3:], qh + w @ kh)
+
+
+def test_cross_attention_has_no_future_or_padding_leakage():
+    g = torch.Generator().manual_seed(4)
+    attn = CrossModalAttention(n_heads=2)
+    q, k = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # 2nd: item 2 has no feature
+    base = attn(q, k, mask)
+
+    q2, k2 = q.clone(), k.clone()
+    q2[:, 3:], k2[:, 3:] = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    torch.testing.assert_close(attn(q2, k2, mask)[:, :3], base[:, :3])  # the future does not leak back
+
+    k3 = k.clone()
+    k3[0, 4:] = 100.0  # padding keys of row 0
+    k3[1, 2] = 100.0  # masked key of row 1
+    torch.testing.assert_close(attn(q, k3, mask), base)
+    # a query with no valid key keeps its own state
+    none = attn(q, k, torch.zeros(2, 6, dtype=torch.bool))
+    torch.testing.assert_close(none, q)
+
+
+def test_router_weights_sum_to_one_and_mix_the_experts():
+    torch.manual_seed(0)
+    moe = CrossModalMoE(dim=8, n_heads=2, n_experts=3).eval()
+    o = torch.randn(5, 8)
+    out = moe(o)
+    gates = moe.last_gates
+    assert gates.shape == (5, 2, 3)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(5, 2))
+    head = o[1, 4:]  # head 1 of row 1, by hand
+    expected = sum(gates[1, 1, k] * moe.experts[k](head) for k in range(3))
+    torch.testing.assert_close(out[1, 4:], expected)
+    assert moe.expert_load() is None  # nothing is accumulated at evaluation
+
+
+def test_expert_load_statistics_and_balance_loss():
+    torch.manual_seed(0)
+    moe = CrossModalMoE(dim=8, n_heads=2, n_experts=4).train()
+    moe(torch.randn(10, 8))
+    moe(torch.randn(6, 8))
+    mean_weight, top1 = moe.expert_load()
+    assert mean_weight.sum().item() == pytest.approx(1.0) and top1.sum().item() == pytest.approx(1.0)
+    assert moe._n_routed.item() == 32  # 16 rows x 2 heads
+    moe.reset_expert_load()
+    assert moe.expert_load() is None
+    with torch.no_grad():  # a router that sends everything to expert 0 scores n_experts
+        moe.router.weight.zero_()
+        moe.router.bias.copy_(torch.tensor([50.0, 0, 0, 0]))
+    moe(torch.randn(4, 8))
+    assert moe.balance_loss().item() == pytest.approx(4.0, rel=1e-4)
+    linear = CrossModalMoE(dim=8, n_heads=2, n_experts=4, use_moe=False)
+    assert isinstance(linear.linear, torch.nn.Linear) and linear.expert_load() is None
+    with pytest.raises(ValueError, match="divisible"):
+        CrossModalMoE(dim=10, n_heads=4, n_experts=2)
+
+# ------------------------------------------------------------------ trainer schedule
+
+
+def test_cosine_schedule_with_warmup():
+    f = [cosine_with_warmup(s, warmup_steps=4, total_steps=12) for s in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and f[8] == pytest.approx(0.5) and f[12] == pytest.approx(0.0) and f[13] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+# ------------------------------------------------------------------ the model (needs the foundation)
+
+BASE = {
+    "modalities": ["image", "text"],
+    "embedding_size": 16, "align_dim": 16, "n_heads": 2, "n_experts": 2, "n_layers": 1, "d_state": 4,
+    "mamba_backend": "torch", "dropout_prob": 0.1, "MAX_ITEM_LIST_LENGTH": 10,
+    "train_batch_size": 256, "eval_batch_size": 4096, "learning_rate": 0.005, "warmup_steps": 5,
+    "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+    "show_progress": False, "state": "WARNING", "seed": 2025,
+}
+
+
+@pytest.fixture(scope="module")
+def planted3(tmp_path_factory):
+    from recbole_mm.data.synthetic import make_planted_dataset
+
+    root = tmp_path_factory.mktemp("findrec")
+    data_path = make_planted_dataset(root / "data", modalities=("image", "text", "audio"), dims=(32, 24, 8))
+    return {"data_path": data_path, "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
+
+
+def _prepare(planted3, **overrides):
+    from recbole_mm.config import Config
+    from recbole_mm.registry import create_dataset
+
+    config = Config(model="FindRec", dataset="planted", config_dict={**BASE, **planted3, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], config["reproducibility"])
+    return config, train, valid, test
+
+
+def _model(planted3, **overrides):
+    from recbole_mm.registry import get_model
+
+    config, train, valid, test = _prepare(planted3, **overrides)
+    return get_model("FindRec")(config, train._dataset), train
+
+
+def test_registry_and_paper_defaults(planted3):
+    from recbole_mm.model.sequential_recommender import FindRec
+    from recbole_mm.registry import get_model, get_trainer
+    from recbole_mm.trainer import FindRecTrainer
+
+    assert get_model("FindRec") is FindRec
+    assert get_trainer(None, "FindRec") is FindRecTrainer
+    config, *_ = _prepare(planted3)
+    assert config["learner"] == "adamw" and config["weight_decay"] == 0.01
+    assert config["clip_grad_norm"] == {"max_norm": 1.0} and config["iicm_weight"] == 1e-3
+    assert config["train_neg_sample_args"]["distribution"] == "none"
+    assert config["eval_args"]["order"] == "TO"  # leave-one-out by time
+
+
+def test_losses_gradients_and_checkpoint_layout(planted3):
+    model, train = _model(planted3)
+    assert [m.features.shape[1] for m in model.streams] == [32, 24]
+    assert not any("features" in k or "has_feature" in k for k in model.state_dict())
+    model.train()
+    batch = next(iter(train))
+    ce, iicm = model.calculate_loss(batch)
+    assert torch.isfinite(ce) and torch.isfinite(iicm) and iicm.item() != 0
+    (ce + iicm).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+    assert model.calculate_loss(batch[:1])[0].isfinite()  # a last batch of one sequence
+
+
+def test_later_and_padding_items_do_not_change_the_representation(planted3):
+    model, train = _model(planted3)
+    model.eval()
+    batch = next(iter(train))
+    seq, lengths = batch[model.ITEM_SEQ].clone(), batch[model.ITEM_SEQ_LEN]
+    base = model(seq, lengths)
+    noisy = seq.clone()
+    pad = torch.arange(seq.shape[1])[None, :] >= lengths[:, None]
+    noisy[pad] = torch.randint(1, model.n_items, (int(pad.sum()),))
+    torch.testing.assert_close(model(noisy, lengths), base)  # items after the last valid one are ignored
+    shorter = (lengths - 1).clamp_min(1)
+    assert not torch.allclose(model(seq, shorter), base)
+
+
+def test_full_sort_equals_predict(planted3):
+    model, train = _model(planted3)
+    model.eval()
+    batch = next(iter(train))[:4]
+    full = model.full_sort_predict(batch)
+    n = model.n_items
+    pairs = {model.ITEM_SEQ: batch[model.ITEM_SEQ].repeat_interleave(n, 0),
+             model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN].repeat_interleave(n), model.ITEM_ID: torch.arange(n).repeat(4)}
+    torch.testing.assert_close(model.predict(pairs).view(4, n), full, rtol=1e-5, atol=1e-5)
+
+
+def test_switches_and_modality_counts(planted3, caplog):
+    model, train = _model(planted3, use_cross_attn=False, use_moe=False, use_iicm=False)
+    assert model.cross_attn is None and isinstance(model.moes[0].linear, torch.nn.Linear) and model.iicm is None
+    model.train()
+    assert model.calculate_loss(next(iter(train))).dim() == 0  # CE only
+
+    kl, train = _model(planted3, iicm_entropy="kl")
+    assert all(s.posterior is not None for s in kl.streams)
+    kl.eval()
+    batch = next(iter(train))
+    torch.testing.assert_close(kl(batch[kl.ITEM_SEQ], batch[kl.ITEM_SEQ_LEN]),
+                               kl(batch[kl.ITEM_SEQ], batch[kl.ITEM_SEQ_LEN]))  # the mean at evaluation
+    no_ent, _ = _model(planted3, iicm_entropy="kl", use_entropy=False)
+    assert all(s.posterior is None for s in no_ent.streams) and no_ent.iicm.entropy is None
+
+    with caplog.at_level(logging.WARNING):
+        single, train = _model(planted3, modalities=["text"])
+    assert "one modality (text)" in caplog.text
+    assert single.pairs == [] and single.cross_attn is None and len(single.moes) == 1
+    single.train()
+    ce, iicm = single.calculate_loss(next(iter(train)))  # entropy only
+    assert torch.isfinite(iicm)
+
+    three, train = _model(planted3, modalities=["image", "text", "audio"])
+    assert three.pairs == [(0, 1), (0, 2)] and len(three.moes) == 2
+    chosen, _ = _model(planted3, modalities=["image", "text", "audio"], cross_pairs=[["audio", "text"]])
+    assert chosen.pairs == [(2, 1)] and chosen.output_ffn[0].in_features == 16 + 16
+    with pytest.raises(ValueError, match="cross_pairs entry"):
+        _model(planted3, cross_pairs=[["image", "image"]])
+    with pytest.raises(ValueError, match="loss_type must be 'CE'"):
+        _model(planted3, loss_type="BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+
+
+def test_expert_load_is_logged_when_switching_to_evaluation(planted3, caplog):
+    model, train = _model(planted3)
+    model.train()
+    model.calculate_loss(next(iter(train)))
+    assert set(model.expert_load()) == {"image->text"}
+    with caplog.at_level(logging.INFO):
+        model.eval()
+    assert "FindRec expert load [image->text]: mean router weight" in caplog.text
+    assert model.expert_load() == {}
+
+
+def _record_lrs(trainer):
+    lrs = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    return lrs
+
+
+def test_trainer_schedule_and_resume(planted3):
+    from recbole_mm.registry import get_model, get_trainer
+
+    config, train, valid, test = _prepare(planted3, epochs=2, warmup_steps=3)
+    n = len(train)
+    model = get_model("FindRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    lrs = _record_lrs(trainer)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    assert lrs == pytest.approx([0.005 * cosine_with_warmup(s, 3, 2 * n) for s in range(2 * n)])
+
+    # resume from the best epoch's checkpoint with a longer budget: the schedule continues from
+    # the update count kept in the optimizer state and is stretched over the new total
+    resumed = get_trainer(config["MODEL_TYPE"], "FindRec")(config, get_model("FindRec")(config, train._dataset))
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    done = resumed._updates_done()
+    assert done == resumed.start_epoch * n and done > 0
+    resumed.epochs = 3
+    lrs = _record_lrs(resumed)
+    resumed.fit(train, valid, saved=False, show_progress=False)
+    assert lrs == pytest.approx([0.005 * cosine_with_warmup(s, 3, 3 * n) for s in range(done, 3 * n)])
+
+
+def test_training_through_quick_start_beats_untrained_and_popularity(planted3):
+    from recbole_mm.quick_start import load_data_and_model, run_recbole
+    from recbole_mm.registry import get_model, get_trainer
+
+    result = run_recbole(model="FindRec", dataset="planted", config_dict={**BASE, **planted3, "epochs": 4},
+                         saved=True)
+    trained = result["test_result"]["ndcg@10"]
+
+    config, model, _, train, _, test = load_data_and_model(sorted(glob.glob(f"{planted3['checkpoint_dir']}/FindRec-*.pth"))[-1])
+    trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+    assert trainer.evaluate(test, load_best_model=False)["ndcg@10"] == pytest.approx(trained)  # checkpoint round trip
+
+    init_seed(config["seed"], config["reproducibility"])
+    untrained = get_trainer(config["MODEL_TYPE"], "FindRec")(config, get_model("FindRec")(config, train._dataset))
+    untrained_ndcg = untrained.evaluate(test, load_best_model=False)["ndcg@10"]
+    pop = get_model("Pop")(config, train._dataset)
+    for batch in train:  # Pop's "training" counts the positive items
+        pop.calculate_loss(batch)
+    popular = get_trainer(config["MODEL_TYPE"], "Pop")(config, pop).evaluate(test, load_best_model=False)["ndcg@10"]
+    print(f"planted NDCG@10: FindRec {trained:.4f}, untrained {untrained_ndcg:.4f}, Pop {popular:.4f}")
+    assert trained > untrained_ndcg + 0.1, (trained, untrained_ndcg)
+    assert trained > popular + 0.1, (trained, popular)
