@@ -84,6 +84,58 @@ def test_pinned_versions_recbole_needs():
     assert hyperopt.__version__ == "0.2.5", "RecBole's exhaustive search breaks on hyperopt 0.3"
 
 
+def test_ddp_wrapper_accepts_cpu_modules_with_sparse_buffers(monkeypatch):
+    import socket
+
+    import recbole.trainer.trainer as rb_trainer
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Graph(torch.nn.Module):  # MambaRec keeps its normalised graphs as sparse buffers
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("adj", torch.eye(3).to_sparse(), persistent=False)
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://localhost:{port}")
+    try:
+        with pytest.raises(ValueError, match="device_ids"):  # what RecBole's trainer passes
+            DistributedDataParallel(Graph(), device_ids=[0])
+        with pytest.raises(RuntimeError, match="sparse"):
+            DistributedDataParallel(Graph())
+        wrapped = rb_trainer.DistributedDataParallel(Graph(), device_ids=[0])
+        assert wrapped.module.adj.is_sparse
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ray_is_imported_only_when_asked(tmp_path):
+    import subprocess
+
+    code = "import sys, recbole_mm; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(compat.__file__).rsplit("/recbole_mm/", 1)[0], "PATH": ""})
+    assert out.stdout.strip() == "[]"
+
+
+def test_enable_ray_restores_np_bool8_for_ray_2_6(monkeypatch):
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"ray is not installed: {err}")
+    qs = sys.modules["recbole.quick_start.quick_start"]
+    monkeypatch.setattr(qs, "tune", qs.tune)  # put RecBole's placeholder back afterwards
+    monkeypatch.delattr(np, "bool8", raising=False)
+    hook = compat.ray_worker_setup_hook()
+    hook()  # what each Ray worker runs before it imports ray.tune
+    assert np.bool8 is np.bool_
+    monkeypatch.delattr(np, "bool8")
+    tune = compat.enable_ray()
+    assert np.bool8 is np.bool_ and sys.modules["recbole.quick_start.quick_start"].tune is tune
+
+
 def test_recbole_import_leaves_autograd_anomaly_detection_off(monkeypatch):
     import torch
 

@@ -12,9 +12,15 @@ defaults right after RecBole's):
 ``train_neg_sample_args`` defaults to ``None`` for cross-entropy models (RecBole 1.2.1 refuses
 its own default for them). ``data_path`` is then resolved by :func:`recbole_mm.data.locate.find_dataset`, so
 ``--dataset=amazon-beauty`` is found in ``dataset/`` or ``../shared/data/`` without copying.
+
+Distributed runs (``run(nproc=N)``, ``--world_size``/``--ip``/``--port``/``--group_offset``) use
+RecBole's own path; on a machine without CUDA (or with ``use_gpu: False``) the process group is
+gloo on the CPU instead of RecBole's hard-coded nccl on ``cuda:<local_rank>``.
 """
 
 from pathlib import Path
+
+import torch
 
 from recbole.config import Config as RecBoleConfig
 
@@ -57,3 +63,19 @@ class Config(RecBoleConfig):
         super()._set_default_parameters()
         user_path = self.external_config_dict.get("data_path")
         self.final_config_dict["data_path"] = str(find_dataset(self.dataset, user_path))
+
+    def _init_device(self):
+        # RecBole 1.2.1 starts every distributed worker with backend="nccl" on cuda:<local_rank>
+        # and asserts one gpu_id per process, so DDP cannot run on a CPU machine at all. There,
+        # join the same process group with gloo on the CPU; CUDA runs keep RecBole's own path.
+        cfg = self.final_config_dict
+        if "local_rank" not in cfg or (torch.cuda.is_available() and cfg["use_gpu"]):
+            return super()._init_device()
+        cfg["gpu_id"] = ""  # what RecBole's single-process path reads as "CPU"
+        torch.distributed.init_process_group(
+            backend="gloo", rank=cfg["local_rank"] + cfg["offset"], world_size=cfg["world_size"],
+            init_method=f"tcp://{cfg['ip']}:{cfg['port']}")
+        cfg["device"] = torch.device("cpu")
+        cfg["single_spec"] = False
+        if cfg["local_rank"] != 0:  # as RecBole: only rank 0 logs and shows progress
+            cfg.update(state="error", show_progress=False, verbose=False)
