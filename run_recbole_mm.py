@@ -5,14 +5,24 @@
     python run_recbole_mm.py --model=LightGCN --dataset=tiktok --config_files="a.yaml b.yaml"
 
 Any other ``--key=value`` is read by RecBole's ``Config`` as a parameter override.
+
+    python run_recbole_mm.py benchmark --models SASRec GRU4Rec --dataset amazon-beauty --seeds 3
+
+runs the side-by-side benchmark instead (``python -m recbole_mm.benchmark --help``).
 """
 
 import argparse
+import sys
 
 from recbole_mm.quick_start import run
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["benchmark"]:
+        from recbole_mm.benchmark import main as benchmark
+
+        raise SystemExit(benchmark(argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", "-m", type=str, default="BPR", help="name of models")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of datasets")

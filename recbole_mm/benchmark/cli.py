@@ -1,0 +1,144 @@
+"""Command line of the benchmark: plan, run what is not finished (one process per run), summarise."""
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from recbole_mm.benchmark import worker
+from recbole_mm.benchmark.plan import BASE_SEED, Entry, Run, Suite, load_suite, plan_runs
+from recbole_mm.benchmark.quick import QUICK_CONFIG, first_users_slice
+from recbole_mm.benchmark.report import summarise
+from recbole_mm.benchmark.store import append_row, finished_keys
+from recbole_mm.data.locate import find_dataset
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m recbole_mm.benchmark", allow_abbrev=False,
+        description="Run models x seeds on one dataset and split, one process per run; resumable.",
+        epilog="Any other --key=value is a RecBole config override for every run.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--models", nargs="+", help="model names (each its own label)")
+    what.add_argument("--suite", help="a suite YAML file, e.g. benchmarks/suites/findrec-table2-beauty.yaml")
+    parser.add_argument("--dataset", "-d", help="dataset name (required with --models; replaces the suite's)")
+    parser.add_argument("--seeds", type=int, help=f"seeds per run, counting from {BASE_SEED} (default: the suite's, else 3)")
+    parser.add_argument("--split_seed", type=int, default=BASE_SEED, help="seed the data is split under, for every run")
+    parser.add_argument("--config_files", help="RecBole config files for every run (space separated)")
+    parser.add_argument("--reference", help="label the others are tested against (default: the first)")
+    parser.add_argument("--out", help="output folder (default: benchmarks/out/<dataset>/, with --quick .../quick/)")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 1 epoch, the first --quick_users users")
+    parser.add_argument("--quick_users", type=int, default=200, help="users kept by --quick (default 200)")
+    parser.add_argument("--verbose", action="store_true", help="show RecBole's logs instead of writing them to <out>/logs/")
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}: config overrides are written --key=value")
+    if args.models and not args.dataset:
+        parser.error("--models needs --dataset")
+    args.overrides = dict(a[2:].split("=", 1) for a in rest)  # strings: RecBole's Config converts them
+    return args
+
+
+def make_suite(args) -> Suite:
+    """The suite of ``--suite``, or the one ``--models`` describes; command-line values win."""
+    files = args.config_files.split() if args.config_files else []
+    if args.models:
+        return Suite(name="quick" if args.quick else "benchmark", dataset=args.dataset,
+                     entries=[Entry(m, m) for m in args.models], seeds=args.seeds or 3, reference=args.reference,
+                     config_files=[str(Path(f).resolve()) for f in files])
+    suite = load_suite(args.suite)
+    suite = dataclasses.replace(  # re-validates the reference
+        suite, dataset=args.dataset or suite.dataset, seeds=args.seeds or suite.seeds,
+        reference=args.reference or suite.reference,
+        config_files=suite.config_files + [str(Path(f).resolve()) for f in files])
+    if not suite.dataset:
+        raise SystemExit(f"{args.suite} names no dataset: pass --dataset")
+    return suite
+
+
+def _elapsed(start: float) -> str:
+    seconds = int(time.perf_counter() - start)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _worker_context():
+    """Runs fork from a server that imported the worker module once (seconds of torch and RecBole
+    imports saved per run); the server never touches CUDA, so each run starts clean."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["recbole_mm.benchmark.worker"])
+    return context
+
+
+def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
+    """Run one worker process; its CSV row, or ``None`` when it failed (see its log)."""
+    logs, per_user = out / "logs", out / "per_user"
+    logs.mkdir(parents=True, exist_ok=True)
+    per_user.mkdir(exist_ok=True)
+    spec, result = logs / f"{run.stem}.json", logs / f"{run.stem}.result.json"
+    spec.write_text(run.to_json())
+    result.unlink(missing_ok=True)
+    process = context.Process(
+        target=worker.run_to_files, name=run.stem,
+        args=(str(spec), str(result), str(per_user / f"{run.stem}.npz"), None if verbose else str(logs / f"{run.stem}.log")))
+    process.start()
+    process.join()
+    if process.exitcode != 0 or not result.is_file():
+        return None
+    row = json.loads(result.read_text())
+    result.unlink()
+    return row
+
+
+def _log_tail(out: Path, run: Run, lines: int = 15) -> str:
+    log = out / "logs" / f"{run.stem}.log"
+    return "\n".join(log.read_text().splitlines()[-lines:]) if log.is_file() else "(no log: ran with --verbose)"
+
+
+def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
+    """Run every planned run whose key is not in ``<out>/results.csv``; returns the failed ones."""
+    csv_path, start, failed, context = out / "results.csv", time.perf_counter(), [], _worker_context()
+    done = finished_keys(csv_path)
+    for i, run in enumerate(runs, 1):
+        name = f"{run.label} seed={run.seed} [{run.config_hash}]"
+        if run.key in done:
+            print(f"[{i}/{len(runs)} {_elapsed(start)}] skip  {name}: already in {csv_path.name}", flush=True)
+            continue
+        print(f"[{i}/{len(runs)} {_elapsed(start)}] start {name}", flush=True)
+        row = launch(run, out, verbose, context)
+        if row is None:
+            failed.append(run)
+            print(f"[{i}/{len(runs)} {_elapsed(start)}] FAILED {name}; log: {out / 'logs' / run.stem}.log\n"
+                  f"{_log_tail(out, run)}", flush=True)
+            continue
+        append_row(csv_path, {**row, "label": run.label})
+        done.add(run.key)
+        shown = ", ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("test_") and k != "test_users")
+        print(f"[{i}/{len(runs)} {_elapsed(start)}] done  {name} in {row['run_s']:.1f}s: {shown}; "
+              f"best epoch {row['best_epoch']}", flush=True)
+    return failed
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    suite = make_suite(args)
+    out = Path(args.out or Path("benchmarks", "out", suite.dataset, *(["quick"] if args.quick else [])))
+    out.mkdir(parents=True, exist_ok=True)
+    overrides, quick = dict(args.overrides), None
+    if args.quick:
+        source = find_dataset(suite.dataset, overrides.get("data_path") or suite.config.get("data_path"))
+        overrides["data_path"] = str(first_users_slice(source, out / "quick-data", args.quick_users).resolve())
+        quick = QUICK_CONFIG
+    runs = plan_runs(suite, args.split_seed, overrides, quick)
+    print(f"benchmark {suite.name}: {len(suite.entries)} entries x {suite.seeds} seeds on {suite.dataset} -> {out}",
+          flush=True)
+    failed = execute(runs, out, args.verbose)
+    summary = summarise(suite, runs, out / "results.csv", out, "python -m recbole_mm.benchmark " + " ".join(argv))
+    print(f"\nresults: {out / 'results.csv'}\nsummary: {summary}\n\n{summary.read_text()}", flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(f'{r.label} seed={r.seed}' for r in failed)}", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,43 @@
+"""``--quick``: the whole benchmark in seconds, to test the harness rather than the models.
+
+Every run gets the same tiny settings (:data:`QUICK_CONFIG`) and the same slice of the data: the
+interactions of the first ``n_users`` users of ``<ds>.inter`` (file order), written to
+``<out>/quick-data/<ds>/``. The other files of the dataset folder (``.item``, ``.user``, feature
+files) are linked unchanged, so feature rows still match ``.item`` and the dataset's YAML
+defaults still apply.
+"""
+
+from pathlib import Path
+
+#: tiny dimensions and one epoch; keys a model does not have are ignored by it
+QUICK_CONFIG = {
+    "epochs": 1, "embedding_size": 16, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1,
+    "align_dim": 16, "train_batch_size": 256, "eval_batch_size": 4096, "show_progress": False,
+}
+
+
+def first_users_slice(source: Path, target_root: Path, n_users: int, user_field: str = "user_id") -> Path:
+    """Write ``target_root/<name>/`` holding the first ``n_users`` users' interactions of the
+    dataset folder ``source`` (named ``<name>``); returns ``target_root``."""
+    source, name = Path(source), Path(source).name
+    target = Path(target_root) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        link = target / file.name
+        if file.is_file() and file.name != f"{name}.inter" and not link.exists():
+            link.symlink_to(file.resolve())
+    with open(source / f"{name}.inter") as src, open(target / f"{name}.inter", "w") as dst:
+        header = src.readline()
+        fields = [column.split(":")[0] for column in header.rstrip("\n").split("\t")]
+        if user_field not in fields:
+            raise ValueError(f"{source / (name + '.inter')}: quick mode slices by the `{user_field}` "
+                             f"column, which is not among {fields}")
+        column, kept = fields.index(user_field), set()
+        dst.write(header)
+        for line in src:
+            user = line.split("\t")[column]
+            if user not in kept and len(kept) == n_users:
+                continue
+            kept.add(user)
+            dst.write(line)
+    return Path(target_root)

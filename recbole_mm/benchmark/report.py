@@ -1,0 +1,217 @@
+"""Summary of a benchmark: Markdown tables and PNG plots from the results CSV.
+
+Only the planned runs are summarised (matched by ``(model, seed, config_hash)``), under the
+plan's labels, so one CSV can hold many suites and stale configurations without mixing them.
+
+* accuracy: mean ± std over seeds of every test metric and of the validation metric;
+* cost: best epoch, epochs run, training seconds per epoch, inference seconds for one
+  full-ranking pass over the test users, peak memory (CUDA max allocated on a GPU, else peak
+  RSS) and trainable parameters;
+* significance against the reference label: relative gain of the means, a paired t-test over
+  the seeds both have, and a Wilcoxon signed-rank test over the users' metric values of the
+  last seed both have (users matched by id);
+* the paper's numbers beside ours, when the suite states them, with the order of the labels by
+  the first paper metric in both.
+"""
+
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from recbole_mm.benchmark.plan import Run, Suite  # noqa: E402
+
+KEY = ["model", "seed", "config_hash"]
+COST = {"best_epoch": "best epoch", "epochs_run": "epochs", "train_s_per_epoch": "train s/epoch",
+        "inference_s": "inference s", "peak_mem_mb": "peak MB", "params": "params"}
+
+
+def planned_results(runs: List[Run], csv_path: Path) -> pd.DataFrame:
+    """One row per planned run that has finished, labelled as planned, in plan order."""
+    plan = pd.DataFrame([{"label": r.label, "model": r.model, "seed": r.seed, "config_hash": r.config_hash}
+                         for r in runs])
+    if not Path(csv_path).is_file():
+        return plan.iloc[:0]
+    done = pd.read_csv(csv_path).drop(columns=["label"]).drop_duplicates(KEY, keep="last")
+    frame = plan.merge(done, on=KEY, how="inner")
+    # a GPU run's memory is what its device holds; on a CPU, the process's peak RSS
+    frame["peak_mem_mb"] = frame["peak_cuda_mb"].where(frame["peak_cuda_mb"].notna(), frame["peak_rss_mb"])
+    return frame
+
+
+def _memory_kind(frame: pd.DataFrame) -> str:
+    return "peak MB (CUDA max allocated)" if frame["peak_cuda_mb"].notna().any() else "peak MB (RSS)"
+
+
+def metric_columns(frame: pd.DataFrame) -> List[str]:
+    return [c for c in frame.columns if c.startswith("test_") and c != "test_users"]
+
+
+def _fmt(value, digits=4) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(values: pd.Series, digits=4) -> str:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return "–"
+    std = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return _fmt(values.mean(), digits) + ("" if np.isnan(std) else f" ± {_fmt(std, digits)}")
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def seed_ttest(frame: pd.DataFrame, label: str, reference: str, column: str) -> float:
+    """Two-sided paired t-test of ``column`` between two labels over their common seeds."""
+    pair = frame[frame.label.isin([label, reference])].pivot(index="seed", columns="label", values=column).dropna()
+    if len(pair) < 2 or label not in pair or reference not in pair:
+        return float("nan")
+    with warnings.catch_warnings():  # identical values: scipy warns and returns nan, which we print as –
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_rel(pair[label], pair[reference]).pvalue)
+
+
+def user_wilcoxon(per_user_dir: Path, run: pd.Series, ref: pd.Series, metric: str) -> float:
+    """Two-sided Wilcoxon signed-rank test of one metric over the users of two runs."""
+    files = [Path(per_user_dir) / f"{r.model}-seed{r.seed}-{r.config_hash}.npz" for r in (run, ref)]
+    if not all(f.is_file() for f in files):
+        return float("nan")
+    a, b = (np.load(f) for f in files)
+    if metric not in a or metric not in b:
+        return float("nan")
+    _, ia, ib = np.intersect1d(a["user_id"], b["user_id"], return_indices=True)
+    diff = a[metric][ia] - b[metric][ib]
+    if not np.any(diff):  # every user scores the same: no evidence of a difference
+        return 1.0
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def _significance(frame, suite, metrics, per_user_dir) -> Optional[str]:
+    ref = frame[frame.label == suite.reference]
+    if ref.empty:
+        return None
+    rows = []
+    for label in frame.label.unique():
+        if label == suite.reference:
+            continue
+        mine = frame[frame.label == label]
+        common = sorted(set(mine.seed) & set(ref.seed))
+        last = common[-1] if common else None
+        for column in metrics:
+            gain = mine[column].mean() / ref[column].mean() - 1 if ref[column].mean() else float("nan")
+            p_user = float("nan") if last is None else user_wilcoxon(
+                per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
+            rows.append([label, column[len("test_"):], _fmt(mine[column].mean()), _fmt(ref[column].mean()),
+                         "–" if not np.isfinite(gain) else f"{gain:+.1%}",
+                         _fmt(seed_ttest(frame, label, suite.reference, column), 3),
+                         f"{_fmt(p_user, 3)} (seed {last})" if last is not None else "–"])
+    header = ["label", "metric", "mean", f"{suite.reference}", "gain", "p, paired t (seeds)",
+              "p, Wilcoxon (users, last seed)"]
+    return _table(header, rows)
+
+
+def _paper(frame, suite) -> Optional[str]:
+    paper = (suite.paper or {}).get("metrics") or {}
+    if not paper:
+        return None
+    metrics = list(next(iter(paper.values())))
+    rows = []
+    for label, values in paper.items():
+        mine = frame[frame.label == label]
+        ours = [mine[f"test_{m}"].mean() if f"test_{m}" in mine else float("nan") for m in metrics]
+        rows.append([label] + [f"{_fmt(values.get(m))} / {_fmt(o)}" for m, o in zip(metrics, ours)])
+    first = metrics[0]
+    order_paper = sorted(paper, key=lambda lbl: -paper[lbl].get(first, float("-inf")))
+    means = frame.groupby("label")[f"test_{first}"].mean() if f"test_{first}" in frame else pd.Series(dtype=float)
+    order_ours = [lbl for lbl in means.sort_values(ascending=False).index if lbl in paper]
+    text = _table(["label"] + [f"{m}: paper / ours" for m in metrics], rows)
+    return (f"{text}\n\nOrder by {first}: paper {' > '.join(order_paper)}; "
+            f"ours {' > '.join(order_ours) or '(no runs yet)'}.\n\nSource: {suite.paper.get('source', '?')}")
+
+
+def plot(frame: pd.DataFrame, metrics: List[str], stem: Path) -> List[Path]:
+    """``<stem>-metrics.png`` (test metrics) and ``<stem>-cost.png`` (time, memory), mean ± std."""
+    labels = list(frame.label.unique())
+    panels = ["train_s_per_epoch", "inference_s", "peak_mem_mb"]
+    stats_ = frame.groupby("label", sort=False)[metrics + panels].agg(["mean", "std"])
+    paths = [Path(f"{stem}-metrics.png"), Path(f"{stem}-cost.png")]
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(labels) ** 0.5), 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        x = np.arange(len(metrics)) + i * width
+        ax.bar(x, [stats_.loc[label, (m, "mean")] for m in metrics], width, label=label,
+               yerr=[np.nan_to_num(stats_.loc[label, (m, "std")]) for m in metrics], capsize=3)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(labels) - 1) / 2, [m[len("test_"):] for m in metrics])
+    ax.set_ylabel("test metric (mean ± std over seeds)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for ax, column in zip(axes, panels):
+        ax.bar(range(len(labels)), [stats_.loc[lbl, (column, "mean")] for lbl in labels],
+               yerr=[np.nan_to_num(stats_.loc[lbl, (column, "std")]) for lbl in labels], capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+        ax.set_title(_memory_kind(frame) if column == "peak_mem_mb" else COST[column])
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, command: str = "") -> Path:
+    """Write ``<out>/<suite>.md`` and its plots; returns the Markdown file."""
+    out_dir = Path(out_dir)
+    frame = planned_results(runs, csv_path)
+    stem, markdown = out_dir / suite.name, out_dir / f"{suite.name}.md"
+    missing = [f"{r.label} seed {r.seed}" for r in runs
+               if not ((frame.model == r.model) & (frame.seed == r.seed) & (frame.config_hash == r.config_hash)).any()]
+    parts = [f"# {suite.title or suite.name}"]
+    if command:
+        parts.append(f"Command: `{command}`")
+    if missing:
+        parts.append("Not finished (rerun the same command to resume): " + ", ".join(missing) + ".")
+    if frame.empty:
+        markdown.write_text("\n\n".join(parts) + "\n")
+        return markdown
+
+    parts.append(f"Dataset `{suite.dataset}`, seeds {', '.join(map(str, sorted(frame.seed.unique())))}, one split "
+                 f"for all (fingerprint of valid+test: {', '.join(sorted(frame.split_hash.unique()))}).")
+    metrics = metric_columns(frame)
+    valid = [c for c in frame.columns if c.startswith("valid_")]
+    groups = list(frame.groupby("label", sort=False))
+    parts += ["## Accuracy (mean ± std over seeds)", _table(
+        ["label", "n"] + [m[len("test_"):] for m in metrics] + [f"valid {c[len('valid_'):]}" for c in valid[:1]],
+        [[label, len(g)] + [_mean_std(g[c]) for c in metrics + valid[:1]] for label, g in groups])]
+    parts += ["## Cost (mean ± std over seeds)", _table(
+        ["label", "device"] + [_memory_kind(frame) if c == "peak_mem_mb" else h for c, h in COST.items()],
+        [[label, ", ".join(g.device.unique())] + [_mean_std(g[c], 1 if c in ("best_epoch", "epochs_run") else 3)
+                                                   for c in list(COST)[:-1]] + [f"{int(g.params.iloc[0]):,}"]
+         for label, g in groups]),
+              "Train s/epoch: training only (validation excluded). Inference s: one full-ranking pass over the "
+              "test users with the best weights (after a warm-up pass). Peak RSS includes the ~0.4 GB of torch "
+              "and RecBole themselves."]
+    significance = _significance(frame, suite, metrics, out_dir / "per_user")
+    if significance:
+        parts += [f"## Against {suite.reference}", significance]
+    paper = _paper(frame, suite)
+    if paper:
+        parts += ["## Paper vs ours", paper]
+    if suite.notes:
+        parts += ["## Notes", suite.notes.strip()]
+    metrics_png, cost_png = plot(frame, metrics, stem)
+    parts += [f"![metrics]({metrics_png.name})", f"![cost]({cost_png.name})"]
+    markdown.write_text("\n\n".join(parts) + "\n")
+    return markdown

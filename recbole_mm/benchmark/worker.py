@@ -1,0 +1,197 @@
+"""One benchmark run, in a process of its own (:func:`run_to_files`).
+
+A process per run is what makes peak memory a per-run figure and lets a crash cost one run, not
+the benchmark. The benchmark forks each run from a server process that has imported this module
+once (``multiprocessing``'s forkserver), so a run does not pay the seconds of importing torch and
+RecBole; the run's peak RSS therefore includes those imports, as a fresh process's would. The run is RecBole's ``run_recbole`` pipeline — ``Config``,
+``create_dataset``, ``data_preparation``, the model's own trainer's ``fit`` and ``evaluate`` —
+with three differences:
+
+* the data is built and split under the fixed ``split_seed`` and everything after (model init,
+  shuffling, negative sampling) under the run's ``seed``, so a random 8:1:1 split is identical
+  for every model and seed (leave-one-out splits do not depend on a seed at all); the worker
+  writes a fingerprint of the valid and test interactions (``split_hash``) to prove it;
+* the trainer class is the model's own (the registry's choice) extended by :class:`_Measured`,
+  which times each training epoch and keeps the per-user ranking data of the last evaluation;
+* after RecBole's test evaluation of the best checkpoint, a second full-ranking pass over the
+  test users is timed (``inference_s``): the first one warms up, and evaluation caches are
+  dropped before the second, so graph models propagate inside the timed pass.
+
+The result is a JSON object (one CSV row) and an ``.npz`` of per-user test metrics.
+"""
+
+import hashlib
+import inspect
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from logging import getLogger
+
+import numpy as np
+import torch
+from recbole.data import data_preparation
+from recbole.evaluator import Collector
+from recbole.evaluator.base_metric import TopkMetric
+from recbole.utils import init_logger, init_seed
+
+import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
+from recbole_mm.benchmark.plan import Run, build_config, config_hash
+from recbole_mm.registry import create_dataset, get_model, get_trainer
+
+
+class _UserCollector(Collector):
+    """RecBole's collector that also keeps, for the last evaluation, the user of every ranking
+    row and the collected data: per-user metrics need both (RecBole only keeps the mean)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._batch_users = []
+        self.users = self.last_struct = None
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        self._batch_users.append(interaction[self.config["USER_ID_FIELD"]].cpu())
+
+    def get_data_struct(self):
+        self.last_struct = super().get_data_struct()
+        self.users, self._batch_users = torch.cat(self._batch_users).numpy(), []
+        return self.last_struct
+
+
+class _Measured:
+    """Mixin over the model's own trainer: per-epoch training time and per-user test metrics."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.eval_collector = _UserCollector(config)
+        self.epoch_seconds = []
+
+    def _train_epoch(self, *args, **kwargs):
+        start = _clock(self.device)
+        loss = super()._train_epoch(*args, **kwargs)
+        self.epoch_seconds.append(_clock(self.device) - start)
+        return loss
+
+    def per_user_metrics(self):
+        """``{'ndcg@10': array over users, ...}`` for the top-k metrics of the last evaluation."""
+        struct, values = self.eval_collector.last_struct, {}
+        for name, metric in self.evaluator.metric_class.items():
+            if not isinstance(metric, TopkMetric):
+                continue
+            pos_index, pos_len = metric.used_info(struct)
+            # Hit/MRR/Precision take the hit matrix only; NDCG/Recall/MAP also the positives' count
+            args = (pos_index, pos_len)[:len(inspect.signature(metric.metric_info).parameters)]
+            table = metric.metric_info(*args)
+            values.update({f"{name}@{k}": table[:, k - 1] for k in metric.topk})
+        return values
+
+
+def _clock(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait before reading the time
+    return time.perf_counter()
+
+
+def split_hash(config, *loaders) -> str:
+    """Fingerprint of the (user, item) pairs of the given evaluation loaders."""
+    digest = hashlib.sha256()
+    for loader in loaders:
+        inter = loader._dataset.inter_feat
+        for field in (config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]):
+            digest.update(inter[field].numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _drop_eval_caches(model):
+    # RecBole's graph models keep propagated embeddings in `restore_*` attributes and even restore
+    # them from the checkpoint; without them the timed pass computes from the weights, as a
+    # model serving fresh requests would, the same for every model.
+    for name in list(vars(model)):
+        if name.startswith("restore_"):
+            setattr(model, name, None)
+
+
+def _peaks(device):
+    """Peak resident set size of this process and (on a GPU) peak allocated CUDA memory, in MB."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20 if torch.device(device).type == "cuda" else float("nan")
+    return rss_mb, cuda_mb
+
+
+def run(spec: Run) -> dict:
+    """Train and test one run; returns the CSV row and the per-user test metrics."""
+    config = build_config(spec)
+    digest = config_hash(config, spec.split_seed)
+    if digest != spec.config_hash:  # resume matches rows by this hash: it must be reproducible
+        raise RuntimeError(f"config hash {digest} differs from the planned {spec.config_hash}: "
+                           "the effective config is not deterministic")
+    # the benchmark keeps metrics, not models: the best checkpoint lives as long as the run
+    with tempfile.TemporaryDirectory(prefix="recbole-mm-bench-") as checkpoint_dir:
+        config["checkpoint_dir"] = checkpoint_dir
+        return _train_and_test(spec, config)
+
+
+def _train_and_test(spec: Run, config) -> dict:
+    started = time.perf_counter()
+    init_seed(spec.split_seed, config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
+    trainer = type(f"Measured{trainer_class.__name__}", (_Measured, trainer_class), {})(config, model)
+
+    validated = []
+    _, best_valid = trainer.fit(train_data, valid_data, show_progress=config["show_progress"],
+                                               callback_fn=lambda epoch, score: validated.append(epoch))
+    test_result = trainer.evaluate(test_data, load_best_model=True)
+    _drop_eval_caches(model)
+    start = _clock(config["device"])
+    trainer.evaluate(test_data, load_best_model=False)
+    inference_s = _clock(config["device"]) - start
+    logger.info(f"best valid: {best_valid}  test: {test_result}")
+
+    rss_mb, cuda_mb = _peaks(config["device"])
+    row = {
+        "label": spec.label, "model": spec.model, "dataset": spec.dataset, "seed": spec.seed,
+        "config_hash": spec.config_hash, "split_hash": split_hash(config, valid_data, test_data),
+        "device": str(config["device"]),
+        # RecBole's own rule ("best eval result in epoch ..."): early stopping counts validations since the best
+        "best_epoch": validated[-1] - trainer.cur_step * trainer.eval_step if validated else None,
+        "epochs_run": len(trainer.epoch_seconds),
+        "train_s_per_epoch": float(np.mean(trainer.epoch_seconds)),
+        "inference_s": inference_s, "peak_rss_mb": rss_mb, "peak_cuda_mb": cuda_mb,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "test_users": len(trainer.eval_collector.users), "run_s": time.perf_counter() - started,
+        **{f"valid_{k}": float(v) for k, v in (best_valid or {}).items()},
+        **{f"test_{k}": float(v) for k, v in test_result.items()},
+    }
+    return {"row": row, "per_user": {"user_id": trainer.eval_collector.users, **trainer.per_user_metrics()}}
+
+
+def run_to_files(spec_file, result_file, per_user_file, log_file=None):
+    """Run the spec in ``spec_file``; write the CSV row (JSON) and the per-user metrics (.npz).
+    With ``log_file``, everything the process prints (RecBole's log, tracebacks) goes there."""
+    if log_file:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)  # file descriptors, not sys.stdout: C extensions and child loggers too
+        os.dup2(fd, 2)
+        os.close(fd)
+    with open(spec_file) as f:
+        result = run(Run.from_json(f.read()))
+    np.savez(per_user_file, **result["per_user"])
+    with open(result_file, "w") as f:  # written last: its presence means the run finished
+        json.dump(result["row"], f)
+
+
+if __name__ == "__main__":  # rerun one planned run by hand: worker <out>/logs/<run>.json RESULT.json PER_USER.npz
+    run_to_files(*sys.argv[1:4])

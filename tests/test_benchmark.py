@@ -1,0 +1,145 @@
+"""The benchmark harness: a --quick run of 2 models x 2 seeds end to end (CSV, per-user metrics,
+summary, plots, resume), the planner's guarantees, the statistics and the suite files."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from conftest import REPO
+from recbole_mm.benchmark import main
+from recbole_mm.benchmark.plan import Entry, Suite, load_suite, plan_runs
+from recbole_mm.benchmark.quick import first_users_slice
+from recbole_mm.benchmark.report import seed_ttest, user_wilcoxon
+
+QUICK_USERS = 40
+
+
+def _benchmark(planted, out):
+    root, name = planted
+    return main(["--models", "BPR", "MambaRec", "--dataset", name, "--seeds", "2", "--quick",
+                 "--quick_users", str(QUICK_USERS), "--out", str(out), f"--data_path={root}",
+                 "--modalities=['image','text']", "--reduction_ratio=2",
+                 "--train_batch_size=2048"])  # one batch per epoch: MambaRec propagates the whole graph per batch
+
+
+def _rows(out):
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _benchmark(planted, out) == 0
+    rows = _rows(out)
+    assert sorted((r["model"], int(r["seed"])) for r in rows) == [
+        ("BPR", 2020), ("BPR", 2021), ("MambaRec", 2020), ("MambaRec", 2021)]
+    # one protocol for both models: the reference's (BPR: RecBole's five metrics @10)
+    metric_columns = [c for c in rows[0] if c.startswith(("test_", "valid_")) and "@" in c]
+    assert sorted(metric_columns) == sorted(f"{split}_{m}@10" for split in ("test", "valid")
+                                            for m in ("recall", "mrr", "ndcg", "hit", "precision"))
+    for row in rows:
+        assert all(0.0 <= float(row[c]) <= 1.0 for c in metric_columns)
+        assert row["best_epoch"] == "0" and row["epochs_run"] == "1"
+        assert int(row["test_users"]) == QUICK_USERS  # the quick slice, applied to every run
+        assert float(row["train_s_per_epoch"]) > 0 and float(row["inference_s"]) > 0
+        assert float(row["peak_rss_mb"]) > 50 and int(row["params"]) > 0 and row["device"] == "cpu"
+        # per-user values saved beside the CSV average to RecBole's metric (rounded to 4 places)
+        per_user = np.load(out / "per_user" / f"{row['model']}-seed{row['seed']}-{row['config_hash']}.npz")
+        assert len(per_user["user_id"]) == QUICK_USERS == len(set(per_user["user_id"]))
+        assert per_user["ndcg@10"].mean() == pytest.approx(float(row["test_ndcg@10"]), abs=6e-5)
+    assert len({r["split_hash"] for r in rows}) == 1  # the same valid/test data for every model and seed
+    hashes = {m: {r["config_hash"] for r in rows if r["model"] == m} for m in ("BPR", "MambaRec")}
+    assert len(hashes["BPR"]) == len(hashes["MambaRec"]) == 1 and hashes["BPR"] != hashes["MambaRec"]
+
+    summary = (out / "quick.md").read_text()
+    bpr_ndcg = np.mean([float(r["test_ndcg@10"]) for r in rows if r["model"] == "BPR"])
+    assert "| BPR | 2 |" in summary and "| MambaRec | 2 |" in summary and f"{bpr_ndcg:.4f} ±" in summary
+    assert "## Against BPR" in summary and "| MambaRec | ndcg@10 |" in summary
+    for png in ("quick-metrics.png", "quick-cost.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
+    assert capsys.readouterr().out.count("] done ") == 4
+
+    # resume: a second invocation runs nothing and leaves the CSV as it was
+    before = (out / "results.csv").read_bytes()
+    assert _benchmark(planted, out) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("] skip ") == 4 and "] start " not in printed
+    assert (out / "results.csv").read_bytes() == before
+
+    # a lost row is the only run redone, and (seeded, same split) it reproduces its metrics
+    lost = next(r for r in rows if r["model"] == "BPR" and r["seed"] == "2021")
+    kept = [r for r in rows if r is not lost]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    assert _benchmark(planted, out) == 0
+    started = [line for line in capsys.readouterr().out.splitlines() if "] start " in line]
+    assert len(started) == 1 and "BPR seed=2021" in started[0]
+    (redone,) = [r for r in _rows(out) if r["model"] == "BPR" and r["seed"] == "2021"]
+    assert redone["config_hash"] == lost["config_hash"] and redone["test_ndcg@10"] == lost["test_ndcg@10"]
+
+
+def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted):
+    root, name = planted
+    entries = [Entry("MambaRec", "MambaRec"), Entry("BPR", "BPR")]
+    settings = {"data_path": root, "modalities": ["image", "text"]}
+    runs = plan_runs(Suite("s", name, entries, seeds=2, config=settings))
+    assert [(r.label, r.seed) for r in runs] == [("MambaRec", 2020), ("MambaRec", 2021), ("BPR", 2020), ("BPR", 2021)]
+    bpr = next(r for r in runs if r.model == "BPR")
+    assert bpr.config["topk"] == [10, 20] and bpr.config["valid_metric"] == "Recall@20"  # MambaRec's protocol
+    assert runs[0].config_hash == runs[1].config_hash  # the seed is a key of its own
+    with pytest.raises(ValueError, match=r"evaluated differently.*topk=\[5\] vs \[10, 20\]"):
+        plan_runs(Suite("s", name, entries + [Entry("BPR@5", "BPR", {"topk": [5]})], config=settings))
+
+
+def test_quick_slice_keeps_the_first_users_and_links_the_rest(planted, tmp_path):
+    root, name = planted
+    target = first_users_slice(Path(root) / name, tmp_path / "slice", 7) / name
+    lines = (target / f"{name}.inter").read_text().splitlines()
+    source = (Path(root) / name / f"{name}.inter").read_text().splitlines()
+    users = list(dict.fromkeys(line.split("\t")[0] for line in source[1:]))[:7]
+    assert lines == [source[0]] + [line for line in source[1:] if line.split("\t")[0] in users]
+    assert (target / "image_feat.npy").is_symlink() and (target / f"{name}.item").is_symlink()
+
+
+def test_significance_tests(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"label": ["A"] * 3 + ["B"] * 3, "seed": [1, 2, 3] * 2,
+                          "test_ndcg@10": [0.30, 0.32, 0.35, 0.20, 0.25, 0.21]})
+    assert seed_ttest(frame, "A", "B", "test_ndcg@10") == pytest.approx(
+        stats.ttest_rel([0.30, 0.32, 0.35], [0.20, 0.25, 0.21]).pvalue)
+    rng = np.random.default_rng(0)
+    a, b = rng.random(50), rng.random(50)
+    users = np.arange(50)
+    np.savez(tmp_path / "M-seed1-h.npz", user_id=users, **{"ndcg@10": a})
+    np.savez(tmp_path / "R-seed1-h.npz", user_id=users[::-1], **{"ndcg@10": b[::-1]})  # another user order
+    run, ref = (pd.Series({"model": m, "seed": 1, "config_hash": "h"}) for m in ("M", "R"))
+    assert user_wilcoxon(tmp_path, run, ref, "ndcg@10") == pytest.approx(stats.wilcoxon(a - b).pvalue)
+    assert user_wilcoxon(tmp_path, run, run, "ndcg@10") == 1.0
+
+
+def test_suite_files_state_runs_and_paper_numbers_consistently():
+    files = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
+    assert len(files) >= 5
+    for file in files:
+        suite = load_suite(file)
+        labels = {e.label for e in suite.entries}
+        paper = yaml.safe_load(file.read_text())["paper"]
+        assert set(paper["metrics"]) <= labels and suite.reference in paper["metrics"], file
+        protocol = {f"{m.lower()}@{k}" for m in suite.config["metrics"] for k in suite.config["topk"]}
+        for label, numbers in paper["metrics"].items():
+            assert set(numbers) == protocol and all(0 < v < 1 for v in numbers.values()), (file, label)
+
+
+def test_run_recbole_mm_routes_the_benchmark_subcommand(capsys):
+    import run_recbole_mm
+
+    with pytest.raises(SystemExit) as exit_:
+        run_recbole_mm.main(["benchmark", "--help"])
+    assert exit_.value.code == 0 and "--models" in capsys.readouterr().out
