@@ -79,21 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Prepare multimodal datasets in recbole-mm's format.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("mmrec", help="convert an MMRec dataset folder (<ds>.inter + <m>_feat.npy)")
-    p.add_argument("src", type=Path, help="MMRec dataset folder <ds>/")
-    p.add_argument("--out", type=Path, required=True, help="data root; the dataset goes to OUT/<name>/")
-    p.add_argument("--name", help="dataset name (default: the source folder's name)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT/<name>/")
-    p.set_defaults(run=cmd_mmrec)
+    def importer(name, help_text, src_help, run):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src", type=Path, help=src_help)
+        p.add_argument("--out", type=Path, required=True, help="data root; the dataset goes to OUT/<name>/")
+        p.add_argument("--name", help="dataset name (default: the source folder's name)")
+        p.add_argument("--force", action="store_true", help="replace an existing OUT/<name>/")
+        p.set_defaults(run=run)
+        return p
 
-    p = sub.add_parser("amazon", help="k-core of RecBole's Amazon atomic files (<ds>.inter + <ds>.item)")
-    p.add_argument("src", type=Path, help="folder <ds>/ with <ds>.inter and <ds>.item")
-    p.add_argument("--out", type=Path, required=True, help="data root; the dataset goes to OUT/<name>/")
-    p.add_argument("--name", help="dataset name (default: the source folder's name)")
+    importer("mmrec", "convert an MMRec dataset folder (<ds>.inter + <m>_feat.npy)", "MMRec dataset folder <ds>/",
+             cmd_mmrec)
+    p = importer("amazon", "k-core of RecBole's Amazon atomic files (<ds>.inter + <ds>.item)",
+                 "folder <ds>/ with <ds>.inter and <ds>.item", cmd_amazon)
     p.add_argument("--user-k", type=int, default=5, help="minimum interactions per user (default 5)")
     p.add_argument("--item-k", type=int, default=5, help="minimum interactions per item (default 5)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT/<name>/")
-    p.set_defaults(run=cmd_amazon)
 
     p = sub.add_parser("text", help="<m>_feat.npy from text fields of .item (sentence-transformers)")
     p.add_argument("dataset", type=Path, help="dataset folder <ds>/ holding <ds>.item")
