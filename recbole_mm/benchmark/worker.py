@@ -32,14 +32,14 @@ from logging import getLogger
 
 import numpy as np
 import torch
-from recbole.data import data_preparation
 from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_logger
 
 import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
 from recbole_mm.benchmark.plan import Run, build_config, config_hash
-from recbole_mm.registry import create_dataset, get_model, get_trainer
+from recbole_mm.quick_start.quick_start import build_data_and_model
+from recbole_mm.registry import get_trainer
 
 
 class _UserCollector(Collector):
@@ -136,15 +136,10 @@ def run(spec: Run) -> dict:
 
 def _train_and_test(spec: Run, config) -> dict:
     started = time.perf_counter()
-    init_seed(spec.split_seed, config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    _, train_data, valid_data, test_data, model = build_data_and_model(config, split_seed=spec.split_seed)
     trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
     trainer = type(f"Measured{trainer_class.__name__}", (_Measured, trainer_class), {})(config, model)
 

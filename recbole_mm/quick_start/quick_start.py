@@ -18,7 +18,7 @@ from recbole.data import data_preparation
 from recbole.quick_start.quick_start import run, run_recbole
 from recbole.utils import init_logger, init_seed
 
-__all__ = ["run", "run_recbole", "run_recboles", "load_data_and_model"]
+__all__ = ["run", "run_recbole", "run_recboles", "load_data_and_model", "build_data_and_model"]
 
 
 def run_recboles(rank, *args):
@@ -28,21 +28,28 @@ def run_recboles(rank, *args):
     return run_recbole(*args[:3], **kwargs)
 
 
-def load_data_and_model(model_file):
-    """Like RecBole's: returns ``config, model, dataset, train_data, valid_data, test_data``."""
+def build_data_and_model(config, split_seed=None):
+    """RecBole's run order through the registry: the dataset built and split under ``split_seed``
+    (default ``config['seed']``), then the model initialised under ``config['seed']``.
+    Returns ``dataset, train_data, valid_data, test_data, model``."""
     from recbole_mm.registry import create_dataset, get_model
 
-    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
-    config = checkpoint["config"]
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    logger = getLogger()
-    logger.info(config)
+    init_seed(config["seed"] if split_seed is None else split_seed, config["reproducibility"])
     dataset = create_dataset(config)
-    logger.info(dataset)
+    getLogger().info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    return dataset, train_data, valid_data, test_data, model
+
+
+def load_data_and_model(model_file):
+    """Like RecBole's: returns ``config, model, dataset, train_data, valid_data, test_data``."""
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    init_logger(config)
+    getLogger().info(config)
+    dataset, train_data, valid_data, test_data, model = build_data_and_model(config)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

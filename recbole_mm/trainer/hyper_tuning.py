@@ -21,12 +21,12 @@ import os
 from logging import getLogger
 
 import numpy as np
-from recbole.data import data_preparation
 from recbole.trainer.hyper_tuning import HyperTuning as RecBoleHyperTuning
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_logger
 
 from recbole_mm.config import Config
-from recbole_mm.registry import create_dataset, get_model, get_trainer
+from recbole_mm.quick_start.quick_start import build_data_and_model
+from recbole_mm.registry import get_trainer
 
 ALGOS = ("exhaustive", "random", "bayes")
 
@@ -36,15 +36,11 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, call
     (``model``, ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``). ``callback_fn(epoch_idx, valid_score)`` runs after every validation."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
-    init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:  # one log file per trial, not one more handler per trial
         logger.removeHandler(handler)
     init_logger(config)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    _, train_data, valid_data, test_data, model = build_data_and_model(config)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=False, saved=saved, callback_fn=callback_fn)
