@@ -9,7 +9,8 @@ Reference: A. Gu, T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective S
 backend only decides who runs the selective scan:
 
 - ``cuda``: mamba-ssm's fused CUDA kernel ``selective_scan_fn``.
-- ``torch``: :func:`selective_scan`, a step loop in plain PyTorch (any device).
+- ``torch``: :func:`selective_scan`, a step loop in plain PyTorch with a hand-written
+  backward pass (any device).
 - ``auto``: ``cuda`` when mamba-ssm imports and the input lies on a CUDA device, else ``torch``.
   It is resolved at the first forward call (RecBole builds models on the CPU and moves them
   afterwards) and one log line says which backend runs.
@@ -54,43 +55,109 @@ def _log_backend_once(line: str) -> None:
         logging.getLogger().info(line)
 
 
+# Elements of one [l, b_chunk, d, n] block the scan works on at a time: ~2 MB of float32, the
+# size of this project's CPU's per-core L2 cache. Measured (1 thread, batch 128, d_state 16): at
+# length 50, d_inner 512 chunks of 1-2 sequences were fastest, at d_inner 128 chunks of 4.
+_SCAN_BLOCK_ELEMENTS = 2 ** 19
+
+
+def _scan_states(u_t, delta_t, A, B_t):
+    """Time-major ``[l, b, d, n]`` discretised decay ``exp(delta A)`` and states ``h``."""
+    decay = torch.exp(delta_t.unsqueeze(-1) * A)  # ZOH discretisation of A
+    states = (delta_t * u_t).unsqueeze(-1) * B_t.unsqueeze(2)  # Euler step delta B u, then h_t
+    for t in range(1, states.shape[0]):
+        states[t].addcmul_(decay[t], states[t - 1])
+    return decay, states
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The selective scan with a hand-written backward pass (equations in :func:`selective_scan`).
+
+    Autograd through a Python step loop records several nodes per step and keeps every
+    ``[b, l, d, n]`` intermediate in memory. Here the batch is cut into chunks whose
+    ``[l, chunk, d, n]`` blocks stay in cache; the forward pass keeps only the inputs, and the
+    backward pass recomputes a chunk's states, runs the adjoint recurrence
+    ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` and takes every gradient from ``g`` and ``h``.
+    The recomputation costs less than writing the states to memory and reading them back, and
+    peak memory no longer grows with ``d_inner * d_state``. Internals are time-major so that each
+    step of the two loops is one contiguous block.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D):
+        u_t, delta_t, B_t, C_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C))
+        y = torch.empty_like(u_t)
+        for rows in _batch_chunks(u_t.shape, A.shape[1]):
+            states = _scan_states(u_t[:, rows], delta_t[:, rows], A, B_t[:, rows])[1]
+            torch.matmul(states, C_t[:, rows].unsqueeze(-1), out=y[:, rows].unsqueeze(-1))
+        ctx.save_for_backward(u, delta, A, B, C, D)
+        return y.transpose(0, 1) + u * D
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u, delta, A, B, C, D = ctx.saved_tensors
+        u_t, delta_t, B_t, C_t, dy_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C, dy))
+        d_u, d_delta, d_B, d_C = (torch.empty_like(x) for x in (u_t, delta_t, B_t, C_t))
+        d_A = torch.zeros_like(A)
+        for rows in _batch_chunks(u_t.shape, A.shape[1]):
+            uc, dc, Bc, Cc, dyc = u_t[:, rows], delta_t[:, rows], B_t[:, rows], C_t[:, rows], dy_t[:, rows]
+            decay, states = _scan_states(uc, dc, A, Bc)
+            g = dyc.unsqueeze(-1) * Cc.unsqueeze(2)  # dL/dh_t, accumulated from the last step back
+            for t in range(g.shape[0] - 2, -1, -1):
+                g[t].addcmul_(decay[t + 1], g[t + 1])
+            torch.matmul(dyc.unsqueeze(-2), states, out=d_C[:, rows].unsqueeze(-2))
+            torch.matmul((dc * uc).unsqueeze(-2), g, out=d_B[:, rows].unsqueeze(-2))
+            d_du = (g @ Bc.unsqueeze(-1)).squeeze(-1)  # dL/d(delta u)
+            torch.mul(d_du, dc, out=d_u[:, rows])
+            torch.mul(d_du, uc, out=d_delta[:, rows])
+            # dL/d(delta A)_t = g_t * h_{t-1} * exp(delta_t A), zero at t = 0 (h_{-1} = 0); g is
+            # not needed any more, so it is overwritten
+            d_dA = g[1:].mul_(states[:-1]).mul_(decay[1:])
+            d_A += (d_dA * dc[1:].unsqueeze(-1)).sum((0, 1))
+            d_delta[1:, rows] += d_dA.mul_(A).sum(-1)
+        d_u.addcmul_(dy_t, D)
+        d_D = (dy * u).sum((0, 1))
+        return (d_u.transpose(0, 1), d_delta.transpose(0, 1), d_A, d_B.transpose(0, 1),
+                d_C.transpose(0, 1), d_D)
+
+
+def _batch_chunks(shape, d_state):
+    """Slices of the batch axis of a time-major ``[l, b, d]`` tensor, each about
+    ``_SCAN_BLOCK_ELEMENTS`` elements once expanded by ``d_state``."""
+    length, batch, d_inner = shape
+    size = max(1, _SCAN_BLOCK_ELEMENTS // (length * d_inner * d_state))
+    return [slice(start, start + size) for start in range(0, batch, size)]
+
+
 def selective_scan(u, delta, A, B, C, D):
     """Selective scan ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``.
 
     Shapes: ``u, delta: [b, l, d]`` (``delta`` after softplus), ``A: [d, n]`` (negative),
     ``B, C: [b, l, n]``, ``D: [d]``; returns ``y: [b, l, d]`` (before the ``silu(z)`` gate).
 
-    A Python loop over time steps that unbinds the discretised tensors and stacks the states,
-    without in-place indexing, so autograd records one small node per step. It was chosen by
-    measuring forward + backward of 2 Mamba layers, ``d_model`` 64 (``d_inner`` 128,
-    ``d_state`` 16), batch 256, on this project's 2-core CPU machine (torch 2.13, 2 threads):
+    A step loop over time with a hand-written backward on cache-sized batch chunks
+    (:class:`_SelectiveScan`). Measured on this project's 2-core CPU machine (torch 2.13, one
+    thread, the other core busy with another job), forward + backward of one scan at FindRec's
+    paper size (batch 128, length 50, ``d_inner`` 512, ``d_state`` 16):
 
-    ============================================  ==========  ==========
-    scan (best of 3, machine lightly loaded)      L = 50      L = 200
-    ============================================  ==========  ==========
-    this step loop                                2.2 s       11.5 s
-    ``mambapy`` 1.2.0 parallel scan (Blelloch)    4.0 s       10.8 s
-    log-depth doubling scan (out-of-place)        11.3 s      114 s
-    chunked: doubling inside chunks of 8 + loop   9.1 s       53 s
-    ============================================  ==========  ==========
+    ==============================================================  ============
+    scan                                                            seconds
+    ==============================================================  ============
+    this one (chunks of the batch, states recomputed in backward)   0.65-0.87
+    the same backward on the whole batch, states kept               0.70-0.96
+    the step loop under autograd (one node per step, states kept)   1.5-2.4
+    ==============================================================  ============
 
-    SPEC §5 measured the same ordering at L = 50 (loop 1.58 s, ``mambapy`` 2.72 s). With the
-    machine shared by other jobs (load average 4-8) the two are within noise of each other
-    (interleaved runs, L = 50: loop 6.6-8.0 s, ``mambapy`` 5.6-7.5 s; L = 200: 26-34 s vs
-    23-34 s), and ``mambapy`` peaks higher in memory (L = 200: 7.1 GB vs 5.4 GB RSS): it pads the
-    length to the next power of two and clones its inputs. The maintained package would be
-    preferred if it were as fast; it is not at FindRec's paper length 50 on an idle machine, so
-    the loop is used. ``benchmarks/findrec_speed.py`` re-measures both.
+    Inside a whole FindRec training step (paper dimensions, 3 streams x 2 layers, one thread) the
+    chunked scan took 5.9-7.3 s against 12.8 s unchunked (memory traffic of the kept states), and
+    3.9-4.3 s with the scan replaced by a trivial stand-in. Earlier measurements (2 mixers,
+    ``d_inner`` 128, batch 256, lightly loaded) ranked the autograd loop (2.2 s at L = 50) ahead
+    of ``mambapy``'s Blelloch parallel scan (4.0 s), a log-depth doubling scan (11.3 s) and a
+    chunked doubling scan (9.1 s): on a CPU the extra work of a parallel scan costs more than the
+    sequential steps it removes. ``benchmarks/findrec_speed.py`` re-measures against ``mambapy``.
     """
-    delta_a = torch.exp(delta.unsqueeze(-1) * A)  # [b, l, d, n], ZOH discretisation of A
-    delta_bu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # [b, l, d, n], Euler step for B
-    h = torch.zeros_like(delta_bu[:, 0])
-    states = []
-    for a_t, bu_t in zip(delta_a.unbind(1), delta_bu.unbind(1)):
-        h = a_t * h + bu_t
-        states.append(h)
-    y = (torch.stack(states, dim=1) @ C.unsqueeze(-1)).squeeze(-1)
-    return y + u * D
+    return _SelectiveScan.apply(u, delta, A, B, C, D)
 
 
 def selective_scan_reference(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
@@ -166,7 +233,7 @@ class Mamba(nn.Module):
 
     def _use_cuda_kernel(self, x: torch.Tensor) -> bool:
         if self.backend == "torch":
-            _log_backend_once("Mamba backend: torch (step-loop selective scan), mamba_backend='torch'.")
+            _log_backend_once("Mamba backend: torch (PyTorch selective scan), mamba_backend='torch'.")
             return False
         if x.is_cuda and self._scan_cuda is not None:
             _log_backend_once("Mamba backend: cuda (mamba_ssm selective_scan_fn kernel).")
@@ -174,7 +241,7 @@ class Mamba(nn.Module):
         if self.backend == "cuda":
             raise MambaBackendError(f"mamba_backend='cuda' needs the model on a CUDA device, got {x.device}.")
         why = self._why_not_cuda or f"input on {x.device}"
-        _log_backend_once(f"Mamba backend: torch (step-loop selective scan); cuda not used: {why}.")
+        _log_backend_once(f"Mamba backend: torch (PyTorch selective scan); cuda not used: {why}.")
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
