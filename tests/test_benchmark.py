@@ -11,9 +11,11 @@ from scipy import stats
 
 from conftest import REPO
 from recbole_mm.benchmark import main
+from recbole_mm.benchmark.cli import parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Suite, load_suite, plan_runs
 from recbole_mm.benchmark.quick import first_users_slice
 from recbole_mm.benchmark.report import seed_ttest, user_wilcoxon
+from recbole_mm.benchmark.store import append_row, finished_keys
 
 QUICK_USERS = 40
 
@@ -95,6 +97,34 @@ def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted
     assert runs[0].config_hash == runs[1].config_hash  # the seed is a key of its own
     with pytest.raises(ValueError, match=r"evaluated differently.*topk=\[5\] vs \[10, 20\]"):
         plan_runs(Suite("s", name, entries + [Entry("BPR@5", "BPR", {"topk": [5]})], config=settings))
+
+
+def test_shards_split_the_plan_and_share_one_results_file(planted, tmp_path):
+    root, name = planted
+    entries = [Entry("MambaRec", "MambaRec"), Entry("BPR", "BPR"), Entry("LightGCN", "LightGCN")]
+    runs = plan_runs(Suite("s", name, entries, seeds=2, config={"data_path": root, "modalities": ["image", "text"]}))
+    shards = [shard_of(runs, k, 2) for k in (1, 2)]
+    assert sorted(r.key for s in shards for r in s) == sorted(r.key for r in runs)  # each run exactly once
+    assert {r.seed for r in shards[0]} == {2020} and {r.seed for r in shards[1]} == {2021}
+    assert parse_args(["--models", "BPR", "-d", name, "--shard", "2/3"]).shard == (2, 3)
+    for bad in ("3/2", "0/2", "2", "a/b"):
+        with pytest.raises(SystemExit):
+            parse_args(["--models", "BPR", "-d", name, "--shard", bad])
+    # two shard processes appending at once: every row lands, under one header, even when each row
+    # brings a new column (another metric list), which rewrites the whole file
+    import multiprocessing
+    csv_path = tmp_path / "results.csv"
+
+    def append_many(seed):
+        for i in range(25):
+            append_row(csv_path, {"model": f"M{i}", "seed": seed, "config_hash": "h", f"metric_{seed}_{i}": repr(i / 7)})
+
+    procs = [multiprocessing.get_context("fork").Process(target=append_many, args=(s,)) for s in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert len(finished_keys(csv_path)) == 50 and len(_rows(tmp_path)) == 50
 
 
 def test_quick_slice_keeps_the_first_users_and_links_the_rest(planted, tmp_path):

@@ -33,6 +33,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 epoch, the first --quick_users users")
     parser.add_argument("--quick_users", type=int, default=200, help="users kept by --quick (default 200)")
     parser.add_argument("--verbose", action="store_true", help="show RecBole's logs instead of writing them to <out>/logs/")
+    parser.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
+                        help="run only the K-th of every N planned runs; N such processes with the same "
+                             "--out share the work (one per core or machine) and one results.csv")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -41,6 +44,21 @@ def parse_args(argv):
         parser.error("--models needs --dataset")
     args.overrides = dict(a[2:].split("=", 1) for a in rest)  # strings: RecBole's Config converts them
     return args
+
+
+def _shard(text: str):
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard is K/N, e.g. 1/2; got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N; got {text!r}")
+    return k, n
+
+
+def shard_of(runs: List[Run], k: int, n: int) -> List[Run]:
+    """The runs shard ``k`` of ``n`` executes: every n-th, so the shards share out models and seeds."""
+    return runs[k - 1::n]
 
 
 def make_suite(args) -> Suite:
@@ -136,7 +154,7 @@ def main(argv=None) -> int:
     runs = plan_runs(suite, args.split_seed, overrides, quick)
     print(f"benchmark {suite.name}: {len(suite.entries)} entries x {suite.seeds} seeds on {suite.dataset} -> {out}",
           flush=True)
-    failed = execute(runs, out, args.verbose)
+    failed = execute(shard_of(runs, *args.shard), out, args.verbose)
     summary = summarise(suite, runs, out / "results.csv", out, "python -m recbole_mm.benchmark " + " ".join(argv))
     print(f"\nresults: {out / 'results.csv'}\nsummary: {summary}\n\n{summary.read_text()}", flush=True)
     if failed:

@@ -5,7 +5,9 @@ flight, and a second invocation skips every run whose key is already there. A ro
 the file lacks (another metric list) rewrites the file once with the union of the columns.
 """
 
+import contextlib
 import csv
+import fcntl
 import os
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -33,9 +35,22 @@ def _write_all(csv_path: Path, columns: List[str], rows: List[Dict]):
     os.replace(tmp, csv_path)  # atomic: an interruption leaves the old file or the new one
 
 
+@contextlib.contextmanager
+def _locked(csv_path: Path):
+    """Exclusive lock on ``<csv>.lock``: shards of one benchmark (``--shard``) append to one file."""
+    with open(f"{csv_path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def append_row(csv_path: Path, row: Dict):
     """Add one run's row (floats keep their exact ``repr``)."""
     csv_path = Path(csv_path)
+    with _locked(csv_path):
+        _append(csv_path, row)
+
+
+def _append(csv_path: Path, row: Dict):
     rows = read_rows(csv_path)
     columns = list(rows[0]) if rows else []
     new_columns = [c for c in row if c not in columns]
