@@ -279,7 +279,7 @@ def test_switches(planted):
     assert shared.views[0].refine is shared.views[1].refine
     assert shared.views[0].refine.map_shape == (12, 1, 1)
 
-    single, train = _model(planted, modalities=["image"])
+    single, train = _model(planted, modalities=["image"], cl_views="modalities")
     assert len(single.views) == 1 and single.views[0].reduce.out_features == 16  # floor(32 / 2)
     single.train()
     _, cl, mmd, _ = single.calculate_loss(next(iter(train)))
@@ -336,3 +336,80 @@ def test_training_beats_untrained_and_popularity(planted, tmp_path, monkeypatch)
         test, load_best_model=False, show_progress=False)["recall@10"]
     assert trained > untrained + 0.2, (trained, untrained)
     assert trained > popular + 0.2, (trained, popular)
+
+
+# ---------------------------------------------------------------- feature normalisation, gate norm, CL views
+
+
+def test_normalize_features_modes():
+    from recbole_mm.model.general_recommender.mambarec import normalize_features
+
+    torch.manual_seed(0)
+    feats = torch.randn(9, 5) * 7 + 3
+    feats[0] = 0  # padding row
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[4] = False  # an item without features
+    assert torch.equal(normalize_features(feats, "none", mask), feats)
+
+    std = normalize_features(feats, "standard", mask)
+    valid = torch.tensor([i not in (0, 4) for i in range(9)])
+    assert torch.allclose(std[valid].mean(0), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(std[valid].std(0, unbiased=False), torch.ones(5), atol=1e-5)
+    assert std[0].abs().sum() == 0 and std[4].abs().sum() == 0
+
+    l2 = normalize_features(feats, "l2", mask)
+    assert torch.allclose(l2[valid].norm(dim=1), torch.ones(int(valid.sum())), atol=1e-5)
+    assert l2[0].abs().sum() == 0 and l2[4].abs().sum() == 0
+    with pytest.raises(ValueError, match="feature_norm"):
+        normalize_features(feats, "zscore", mask)
+
+
+def test_feature_norm_option_reaches_the_model(planted):
+    model, _ = _model(planted, feature_norm="standard")
+    for view in model.views:
+        rows = view.features[view.features.abs().sum(1) > 0]
+        assert torch.allclose(rows.mean(0), torch.zeros(rows.shape[1]), atol=1e-4)
+        assert torch.allclose(rows.std(0, unbiased=False), torch.ones(rows.shape[1]), atol=1e-4)
+    with pytest.raises(ValueError, match="feature_norm"):
+        _model(planted, feature_norm="bogus")
+
+
+def test_side_content_cl_and_modality_layernorm(planted):
+    model, train = _model(planted, cl_views="side_content", modality_layernorm=True, modality_dropout=0.2)
+    assert all(isinstance(v.norm, torch.nn.LayerNorm) for v in model.views)
+    model.train()
+    batch = next(iter(train))
+    bpr, cl, mmd, reg = model.calculate_loss(batch)
+    assert cl.item() > 0 and torch.isfinite(cl)
+    cl.backward()
+    for name in ("user_embedding.weight", "item_embedding.weight", "views.0.gate.weight", "views.1.norm.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+    single, train = _model(planted, modalities=["image"], cl_views="side_content")
+    single.train()
+    assert single.calculate_loss(next(iter(train)))[1].item() > 0  # needs no second modality
+    with pytest.raises(ValueError, match="cl_views"):
+        _model(planted, cl_views="bogus")
+
+
+def test_mmd_on_normalised_modality_embeddings(planted):
+    model, train = _model(planted, mmd_input="embeddings", use_cl=False)
+    model.train()
+    _, cl, mmd, _ = model.calculate_loss(next(iter(train)))
+    assert cl.item() == 0 and mmd.item() != 0
+    mmd.backward()
+    assert model.get_parameter("views.0.reduce.weight").grad.abs().sum() > 0
+    assert model.get_parameter("item_embedding.weight").grad is None  # h^m does not involve the ID table
+    with pytest.raises(ValueError, match="mmd_input"):
+        _model(planted, mmd_input="bogus")
+
+
+def test_alignment_losses_mmd_sets_and_cl_switch(planted):
+    model, _ = _model(planted)
+    torch.manual_seed(0)
+    views = [torch.randn(6, 4), torch.randn(6, 4)]
+    other = [torch.randn(6, 3), torch.randn(6, 3) + 2]
+    mmd, cl = model.alignment_losses(views, other)
+    assert torch.allclose(mmd, model.mmd_loss(*other)) and torch.allclose(cl, model.infonce_loss(*views))
+    mmd2, cl2 = model.alignment_losses(views, other, with_cl=False)
+    assert torch.allclose(mmd2, mmd) and cl2.item() == 0

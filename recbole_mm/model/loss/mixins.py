@@ -8,7 +8,7 @@ set-up and add nothing to the ``state_dict``.
 """
 
 from itertools import combinations
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from recbole.model.loss import BPRLoss, EmbLoss
@@ -45,13 +45,19 @@ class AlignmentLossMixin:
         self.mmd_loss = MMDLoss(mmd_bandwidth)
         self.infonce_loss = InfoNCELoss(cl_temp)
 
-    def alignment_losses(self, views: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def alignment_losses(self, views: Sequence[torch.Tensor], mmd_views: Optional[Sequence[torch.Tensor]] = None,
+                         with_cl: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """``views[m]: [N, d]``, row ``i`` the same item in every view. Returns ``(mmd, infonce)``;
-        both are zero with fewer than two views."""
+        both are zero with fewer than two views. ``mmd_views`` (same count as ``views``), when
+        given, are the sets the MMD compares instead of ``views``; ``with_cl=False`` skips the
+        InfoNCE (returned as zero)."""
         pairs = list(combinations(range(len(views)), 2))
         if not pairs:
             zero = views[0].new_zeros(()) if views else torch.zeros(())
             return zero, zero
-        mmd = sum(self.mmd_loss(views[i], views[j]) for i, j in pairs) / len(pairs)
+        sets = views if mmd_views is None else mmd_views
+        mmd = sum(self.mmd_loss(sets[i], sets[j]) for i, j in pairs) / len(pairs)
+        if not with_cl:
+            return mmd, mmd.new_zeros(())
         cl = sum(self.infonce_loss(views[i], views[j]) for i, j in pairs) / len(pairs)
         return mmd, cl
