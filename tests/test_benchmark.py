@@ -97,6 +97,9 @@ def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted
     assert runs[0].config_hash == runs[1].config_hash  # the seed is a key of its own
     with pytest.raises(ValueError, match=r"evaluated differently.*topk=\[5\] vs \[10, 20\]"):
         plan_runs(Suite("s", name, entries + [Entry("BPR@5", "BPR", {"topk": [5]})], config=settings))
+    # an entry whose override is already the default would be the same run under a second label
+    with pytest.raises(ValueError, match="'BPR again' runs exactly the configuration of 'BPR'"):
+        plan_runs(Suite("s", name, entries + [Entry("BPR again", "BPR", {"embedding_size": 64})], config=settings))
 
 
 def test_shards_split_the_plan_and_share_one_results_file(planted, tmp_path):

@@ -195,6 +195,10 @@ def plan_runs(suite: Suite, split_seed: int = BASE_SEED, overrides: Optional[Dic
         if differ:
             raise ValueError(f"{entry.label} would be evaluated differently from the reference "
                              f"{suite.reference}: {', '.join(f'{k}={config[k]} vs {reference[k]}' for k in differ)}")
+        twin = next((label for label, other in hashed.items() if other.key == run.key), None)
+        if twin is not None:  # one run would be reported under two labels
+            raise ValueError(f"suite {suite.name!r}: {entry.label!r} runs exactly the configuration of {twin!r}; "
+                             "give it a setting that differs or drop it")
         hashed[entry.label] = run
     return [Run(**{**hashed[e.label].__dict__, "seed": seed})
             for e in suite.entries for seed in range(BASE_SEED, BASE_SEED + suite.seeds)]
