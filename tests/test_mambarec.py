@@ -413,3 +413,25 @@ def test_alignment_losses_mmd_sets_and_cl_switch(planted):
     assert torch.allclose(mmd, model.mmd_loss(*other)) and torch.allclose(cl, model.infonce_loss(*views))
     mmd2, cl2 = model.alignment_losses(views, other, with_cl=False)
     assert torch.allclose(mmd2, mmd) and cl2.item() == 0
+    mmd3, cl3 = model.alignment_losses(views, other, with_mmd=False)
+    assert mmd3.item() == 0 and torch.allclose(cl3, cl)
+
+
+def test_switched_off_alignment_terms_are_not_computed(planted, monkeypatch):
+    """"w/o GA" and MGCN's side-vs-content InfoNCE leave the MMD / the modality InfoNCE out of the step."""
+    model, train = _model(planted, use_mmd=False, cl_views="modalities")
+    monkeypatch.setattr(model.mmd_loss, "forward", lambda *a: pytest.fail("MMD computed with use_mmd false"))
+    model.train()
+    _, cl, mmd, _ = model.calculate_loss(next(iter(train)))
+    assert mmd.item() == 0 and cl.item() > 0
+
+    model, train = _model(planted, use_mmd=False, cl_views="side_content")
+    monkeypatch.setattr(model.mmd_loss, "forward", lambda *a: pytest.fail("MMD computed with use_mmd false"))
+    original = model.infonce_loss.forward
+    calls = []
+    monkeypatch.setattr(model.infonce_loss, "forward", lambda a, b: calls.append(a.shape) or original(a, b))
+    model.train()
+    batch = next(iter(train))
+    _, cl, mmd, _ = model.calculate_loss(batch)
+    assert mmd.item() == 0 and cl.item() > 0
+    assert len(calls) == 2  # side vs content, items and users; none between modality views

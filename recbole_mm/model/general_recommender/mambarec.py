@@ -88,11 +88,11 @@ def normalize_features(features: torch.Tensor, mode: str, mask: Optional[torch.T
     if mode not in FEATURE_NORMS:
         raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {mode!r}")
     feats = features.float()
+    if mode == "none":
+        return feats
     valid = feats.abs().sum(1) > 0
     if mask is not None:
         valid = valid & mask.to(valid.device).bool()
-    if mode == "none":
-        return feats
     out = torch.zeros_like(feats)
     rows = feats[valid]
     if mode == "l2":
@@ -264,13 +264,15 @@ class MambaRec(BPRLossMixin, EmbRegLossMixin, AlignmentLossMixin, GeneralRecomme
         zero = bpr.new_zeros(())
         mmd, cl = zero, zero
         batch_items = torch.unique(pos)  # each item once: duplicates would be false InfoNCE negatives
-        # the unbiased MMD needs two items; a last batch of one item has no alignment term
-        if (self.use_mmd or self.use_cl) and len(item_views) > 1 and batch_items.numel() > 1:
+        # the unbiased MMD needs two items; a last batch of one item has no alignment term. Only the
+        # terms that count are computed ("w/o GA" computes no MMD, side_content no modality InfoNCE)
+        modality_cl = self.use_cl and self.cl_views == "modalities"
+        if (self.use_mmd or modality_cl) and len(item_views) > 1 and batch_items.numel() > 1:
             mmd_sets = None
-            if self.mmd_input == "embeddings":  # the authors' code: L2-normalised modality embeddings
+            if self.use_mmd and self.mmd_input == "embeddings":  # the authors' code: L2-normalised h^m
                 mmd_sets = [F.normalize(h[batch_items], dim=-1) for h in embeddings]
             mmd, cl = self.alignment_losses([v[batch_items] for v in item_views], mmd_sets,
-                                            with_cl=self.use_cl and self.cl_views == "modalities")
+                                            with_cl=modality_cl, with_mmd=self.use_mmd)
         if self.use_cl and self.cl_views == "side_content" and batch_items.numel() > 1:
             # MGCN's (and the authors' code's) InfoNCE: side view vs content view, items + users
             batch_users = torch.unique(user)

@@ -46,18 +46,14 @@ class AlignmentLossMixin:
         self.infonce_loss = InfoNCELoss(cl_temp)
 
     def alignment_losses(self, views: Sequence[torch.Tensor], mmd_views: Optional[Sequence[torch.Tensor]] = None,
-                         with_cl: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                         with_cl: bool = True, with_mmd: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """``views[m]: [N, d]``, row ``i`` the same item in every view. Returns ``(mmd, infonce)``;
         both are zero with fewer than two views. ``mmd_views`` (same count as ``views``), when
-        given, are the sets the MMD compares instead of ``views``; ``with_cl=False`` skips the
-        InfoNCE (returned as zero)."""
+        given, are the sets the MMD compares instead of ``views``; ``with_cl=False`` /
+        ``with_mmd=False`` skip the InfoNCE / the MMD (returned as zero, never computed)."""
         pairs = list(combinations(range(len(views)), 2))
-        if not pairs:
-            zero = views[0].new_zeros(()) if views else torch.zeros(())
-            return zero, zero
+        zero = views[0].new_zeros(()) if views else torch.zeros(())
         sets = views if mmd_views is None else mmd_views
-        mmd = sum(self.mmd_loss(sets[i], sets[j]) for i, j in pairs) / len(pairs)
-        if not with_cl:
-            return mmd, mmd.new_zeros(())
-        cl = sum(self.infonce_loss(views[i], views[j]) for i, j in pairs) / len(pairs)
+        mmd = sum(self.mmd_loss(sets[i], sets[j]) for i, j in pairs) / len(pairs) if pairs and with_mmd else zero
+        cl = sum(self.infonce_loss(views[i], views[j]) for i, j in pairs) / len(pairs) if pairs and with_cl else zero
         return mmd, cl
