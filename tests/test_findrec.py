@@ -110,32 +110,27 @@ def test_iicm_entropy_terms():
 
 def test_cross_attention_by_hand_for_one_head_and_position():
     g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 4, 6, generator=g), torch.randn(1, 4, 6, generator=g)
-    out = CrossModalAttention(n_heads=2)(q, k, torch.ones(1, 4, dtype=torch.bool))
-    # head 1 (dims 3..5) at position 2 attends to key positions 0..2
-    qh, kh = q[0, 2, 3:], k[0, :3, 3:]
+    q, k = torch.randn(1, 6, generator=g), torch.randn(1, 4, 6, generator=g)
+    out = CrossModalAttention(n_heads=2)(q, k, torch.tensor([[True, True, True, False]]))
+    # head 1 (dims 3..5) attends to the valid key positions 0..2
+    qh, kh = q[0, 3:], k[0, :3, 3:]
     w = torch.softmax(kh @ qh / math.sqrt(3), dim=0)
-    torch.testing.assert_close(out[0, 2, 3:], qh + w @ kh)
+    torch.testing.assert_close(out[0, 3:], qh + w @ kh)
 
 
-def test_cross_attention_has_no_future_or_padding_leakage():
+def test_cross_attention_ignores_masked_keys():
     g = torch.Generator().manual_seed(4)
     attn = CrossModalAttention(n_heads=2)
-    q, k = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    q, k = torch.randn(2, 8, generator=g), torch.randn(2, 6, 8, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # 2nd: item 2 has no feature
     base = attn(q, k, mask)
-
-    q2, k2 = q.clone(), k.clone()
-    q2[:, 3:], k2[:, 3:] = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
-    torch.testing.assert_close(attn(q2, k2, mask)[:, :3], base[:, :3])  # the future does not leak back
-
     k3 = k.clone()
     k3[0, 4:] = 100.0  # padding keys of row 0
     k3[1, 2] = 100.0  # masked key of row 1
     torch.testing.assert_close(attn(q, k3, mask), base)
+    assert not torch.allclose(attn(q, k3, torch.ones_like(mask)), base)
     # a query with no valid key keeps its own state
-    none = attn(q, k, torch.zeros(2, 6, dtype=torch.bool))
-    torch.testing.assert_close(none, q)
+    torch.testing.assert_close(attn(q, k, torch.zeros(2, 6, dtype=torch.bool)), q)
 
 
 def test_router_weights_sum_to_one_and_mix_the_experts():
@@ -260,6 +255,44 @@ def test_later_and_padding_items_do_not_change_the_representation(planted3):
     torch.testing.assert_close(model(noisy, lengths), base)  # items after the last valid one are ignored
     shorter = (lengths - 1).clamp_min(1)
     assert not torch.allclose(model(seq, shorter), base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
+    # computing only the real positions (groups of similar length, each cut to its longest
+    # sequence) must equal the computation over the padded batch: loss and every gradient
+    from recbole_mm.model.layers.length_groups import length_groups
+
+    model, train = _model(planted3, dropout_prob=0.0)
+    model.to(dtype).train()
+    batch = next(iter(train))
+    lengths = batch[model.ITEM_SEQ_LEN]
+    assert len(length_groups(lengths)) > 1 and lengths.max() < batch[model.ITEM_SEQ].shape[1]
+    results = []
+    for grouped in (True, False):
+        model.length_groups = grouped
+        model.zero_grad()
+        loss = sum(model.calculate_loss(batch))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_g, grads_g), (loss_p, grads_p) = results
+    tol = dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_g, loss_p, **tol)
+    for name in grads_p:
+        torch.testing.assert_close(grads_g[name], grads_p[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_length_groups_cut_where_padding_outweighs_a_call():
+    from recbole_mm.model.layers.length_groups import by_length, length_groups
+
+    lengths = torch.tensor([3, 50, 2, 3, 49, 2])
+    groups = length_groups(lengths, overhead=10)
+    assert [sorted(g.tolist()) for g in groups] == [[0, 2, 3, 5], [1, 4]]  # 4 x 3 + 2 x 50 + 2 x 10
+    assert len(length_groups(lengths, overhead=1000)) == 1
+    assert len(length_groups(torch.tensor([1, 2, 3]), overhead=0)) == 3
+    seq = torch.arange(6 * 50).view(6, 50)
+    out = by_length(lambda s, n: (s.shape[1] * torch.ones_like(n), [s[:, 0]]), seq, lengths, overhead=10)
+    assert out[0].tolist() == [3, 50, 3, 3, 50, 3] and out[1][0].tolist() == seq[:, 0].tolist()
 
 
 def test_full_sort_equals_predict(planted3):

@@ -8,14 +8,20 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from recbole_mm.model.layers.dropout import Dropout
+
 
 class CrossModalAttention(nn.Module):
-    """Per-head causal cross-attention between two modality streams, with a residual:
-    ``O^h = q^h + softmax(q^h k^h^T / sqrt(d_h)) k^h`` (keys and values are the second stream's
-    hidden states, as in the paper: no projection matrices, so the module has no parameters).
+    """Per-head cross-attention from one modality stream's last state to the other stream's
+    states, with a residual: ``O^h = q^h + softmax(q^h k^h^T / sqrt(d_h)) k^h`` (keys and values
+    are the second stream's hidden states, as in the paper: no projection matrices, so the module
+    has no parameters).
 
-    Position ``t`` of the query stream attends to the key stream's positions ``<= t`` that are
-    valid (``key_mask``); a query with no valid key gets no cross-modal term (``O = q``).
+    FindRec reads only the last valid position of ``O``, so only that query row is computed
+    (``[B, H, 1, L]`` scores instead of ``[B, H, L, L]``). Under the causal mask the last valid
+    query sees exactly the real positions of its sequence, so ``key_mask`` (real items that have
+    this modality) is the whole mask; a query with no valid key gets no cross-modal term
+    (``O = q``).
 
     Args:
         n_heads: number of heads ``H``; the width must be divisible by it (``d_h = d / H``).
@@ -26,21 +32,20 @@ class CrossModalAttention(nn.Module):
         self.n_heads = n_heads
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """``query, key: [B, L, d]``, ``key_mask: [B, L]`` bool (True = a real item that has this
-        modality). Returns ``O: [B, L, d]``."""
-        batch, length, dim = query.shape
+        """``query: [B, d]`` (the query stream's last valid state), ``key: [B, L, d]``,
+        ``key_mask: [B, L]`` bool (True = a real item of the sequence that has this modality).
+        Returns ``O: [B, d]``."""
+        batch, length, dim = key.shape
         if dim % self.n_heads:
             raise ValueError(f"width {dim} is not divisible by n_heads={self.n_heads}")
         d_h = dim // self.n_heads
-        q = query.view(batch, length, self.n_heads, d_h).transpose(1, 2)  # [B, H, L, d_h]
-        k = key.view(batch, length, self.n_heads, d_h).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d_h)  # [B, H, L, L]
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        allowed = causal & key_mask[:, None, None, :]
+        q = query.view(batch, self.n_heads, 1, d_h)
+        k = key.view(batch, length, self.n_heads, d_h).transpose(1, 2)  # [B, H, L, d_h]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_h)  # [B, H, 1, L]
+        allowed = key_mask[:, None, None, :]
         attn = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
-        attn = attn * allowed.any(-1, keepdim=True)  # rows without any valid key attend nowhere
-        context = (attn @ k).transpose(1, 2).reshape(batch, length, dim)
-        return query + context
+        attn = attn * allowed.any(-1, keepdim=True)  # a query without any valid key attends nowhere
+        return query + (attn @ k).reshape(batch, dim)
 
 
 class CrossModalMoE(nn.Module):
@@ -67,7 +72,7 @@ class CrossModalMoE(nn.Module):
         if use_moe:
             self.router = nn.Linear(d_h, n_experts)
             self.experts = nn.ModuleList(
-                nn.Sequential(nn.Linear(d_h, 4 * d_h), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d_h, d_h))
+                nn.Sequential(nn.Linear(d_h, 4 * d_h), nn.GELU(), Dropout(dropout), nn.Linear(4 * d_h, d_h))
                 for _ in range(n_experts))
             self.register_buffer("_load_sum", torch.zeros(n_experts), persistent=False)
             self.register_buffer("_top1_count", torch.zeros(n_experts), persistent=False)

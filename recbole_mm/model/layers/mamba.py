@@ -30,6 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_mm.model.layers import scan_kernel
+from recbole_mm.model.layers.dropout import Dropout
+
 BACKENDS = ("auto", "cuda", "torch")
 
 _logged_backend_lines = set()
@@ -47,6 +50,14 @@ def _import_selective_scan_cuda() -> Tuple[Optional[Callable], str]:
     except Exception as err:  # ImportError, or OSError/RuntimeError from the compiled extension
         return None, f"mamba_ssm cannot be imported ({type(err).__name__}: {err})"
     return selective_scan_fn, ""
+
+
+def _torch_scan_name(x: torch.Tensor) -> str:
+    """Which scan the torch backend runs on ``x``, and why not the compiled one, for the log."""
+    if kernel_runs_on(x):
+        return "selective scan compiled for this CPU"
+    why = scan_kernel.load()[1] or f"{x.dtype} on {x.device}"
+    return f"PyTorch step-loop selective scan; compiled CPU scan not used: {why}"
 
 
 def _log_backend_once(line: str) -> None:
@@ -84,23 +95,30 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D):
+    def forward(ctx, u, delta, A, B, C, D, use_kernel):
+        ctx.use_kernel = use_kernel
+        ctx.save_for_backward(u, delta, A, B, C, D)
+        if use_kernel:
+            return scan_kernel.forward(*(x.contiguous() for x in (u, delta, A, B, C))) + u * D
         u_t, delta_t, B_t, C_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C))
         y = torch.empty_like(u_t)
-        for rows in _batch_chunks(u_t.shape, A.shape[1]):
+        for rows in _batch_chunks(u_t.shape, A.shape[1], u.device):
             states = _scan_states(u_t[:, rows], delta_t[:, rows], A, B_t[:, rows])[1]
             torch.matmul(states, C_t[:, rows].unsqueeze(-1), out=y[:, rows].unsqueeze(-1))
-        ctx.save_for_backward(u, delta, A, B, C, D)
         return y.transpose(0, 1) + u * D
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         u, delta, A, B, C, D = ctx.saved_tensors
+        d_D = (dy * u).sum((0, 1))
+        if ctx.use_kernel:
+            d_u, d_delta, d_A, d_B, d_C = scan_kernel.backward(*(x.contiguous() for x in (u, delta, A, B, C, dy)))
+            return d_u.addcmul_(dy, D), d_delta, d_A, d_B, d_C, d_D, None
         u_t, delta_t, B_t, C_t, dy_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C, dy))
         d_u, d_delta, d_B, d_C = (torch.empty_like(x) for x in (u_t, delta_t, B_t, C_t))
         d_A = torch.zeros_like(A)
-        for rows in _batch_chunks(u_t.shape, A.shape[1]):
+        for rows in _batch_chunks(u_t.shape, A.shape[1], u.device):
             uc, dc, Bc, Cc, dyc = u_t[:, rows], delta_t[:, rows], B_t[:, rows], C_t[:, rows], dy_t[:, rows]
             decay, states = _scan_states(uc, dc, A, Bc)
             g = dyc.unsqueeze(-1) * Cc.unsqueeze(2)  # dL/dh_t, accumulated from the last step back
@@ -117,27 +135,39 @@ class _SelectiveScan(torch.autograd.Function):
             d_A += (d_dA * dc[1:].unsqueeze(-1)).sum((0, 1))
             d_delta[1:, rows] += d_dA.mul_(A).sum(-1)
         d_u.addcmul_(dy_t, D)
-        d_D = (dy * u).sum((0, 1))
         return (d_u.transpose(0, 1), d_delta.transpose(0, 1), d_A, d_B.transpose(0, 1),
-                d_C.transpose(0, 1), d_D)
+                d_C.transpose(0, 1), d_D, None)
 
 
-def _batch_chunks(shape, d_state):
+def _batch_chunks(shape, d_state, device):
     """Slices of the batch axis of a time-major ``[l, b, d]`` tensor, each about
-    ``_SCAN_BLOCK_ELEMENTS`` elements once expanded by ``d_state``."""
+    ``_SCAN_BLOCK_ELEMENTS`` elements once expanded by ``d_state`` on a CPU (cache-sized blocks);
+    on a GPU one slice, since every chunk costs a kernel launch per op and step."""
     length, batch, d_inner = shape
+    if device.type != "cpu":
+        return [slice(0, batch)]
     size = max(1, _SCAN_BLOCK_ELEMENTS // (length * d_inner * d_state))
     return [slice(start, start + size) for start in range(0, batch, size)]
 
 
-def selective_scan(u, delta, A, B, C, D):
+def kernel_runs_on(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU scan (:mod:`~recbole_mm.model.layers.scan_kernel`) takes ``x``:
+    float32 on a CPU, and the kernel built on this machine."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and scan_kernel.available()
+
+
+def selective_scan(u, delta, A, B, C, D, kernel: Optional[bool] = None):
     """Selective scan ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``.
 
     Shapes: ``u, delta: [b, l, d]`` (``delta`` after softplus), ``A: [d, n]`` (negative),
     ``B, C: [b, l, n]``, ``D: [d]``; returns ``y: [b, l, d]`` (before the ``silu(z)`` gate).
 
-    A step loop over time with a hand-written backward on cache-sized batch chunks
-    (:class:`_SelectiveScan`). Measured on this project's 2-core CPU machine (torch 2.13, one
+    ``kernel`` (default: :func:`kernel_runs_on`) runs the compiled CPU kernel of
+    :mod:`~recbole_mm.model.layers.scan_kernel`; otherwise a step loop over time with a
+    hand-written backward on cache-sized batch chunks (:class:`_SelectiveScan`), which is the
+    reference the kernel is tested against and the path on GPUs without mamba-ssm and in float64.
+
+    The step loop, before the kernel existed Measured on this project's 2-core CPU machine (torch 2.13, one
     thread, the other core busy with another job), forward + backward of one scan at FindRec's
     paper size (batch 128, length 50, ``d_inner`` 512, ``d_state`` 16):
 
@@ -157,7 +187,12 @@ def selective_scan(u, delta, A, B, C, D):
     chunked doubling scan (9.1 s): on a CPU the extra work of a parallel scan costs more than the
     sequential steps it removes. ``benchmarks/findrec_speed.py`` re-measures against ``mambapy``.
     """
-    return _SelectiveScan.apply(u, delta, A, B, C, D)
+    if kernel is None:
+        kernel = kernel_runs_on(u)
+    elif kernel and not kernel_runs_on(u):
+        raise RuntimeError(f"the compiled scan takes float32 CPU tensors and a built kernel "
+                           f"({scan_kernel.load()[1] or f'got {u.dtype} on {u.device}'})")
+    return _SelectiveScan.apply(u, delta, A, B, C, D, kernel)
 
 
 def selective_scan_reference(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
@@ -179,6 +214,21 @@ def selective_scan_reference(u, delta, A, B, C, D, z=None, delta_bias=None, delt
         ys.append((h * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
     y = torch.stack(ys, dim=-1)
     return y if z is None else y * F.silu(z)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``conv1d`` of ``mamba_ssm.Mamba`` (depthwise, width ``k``, left-padded so output ``t`` sees
+    inputs ``t-k+1..t``) on ``x: [b, l, d]`` with ``weight: [d, 1, k]``, ``bias: [d]``.
+
+    Written as ``k`` shifted multiply-adds in the ``[b, l, d]`` layout: on a CPU that costs less
+    than a depthwise ``nn.Conv1d`` and its backward plus the two transposes around it."""
+    length, width = x.shape[1], weight.shape[-1]
+    padded = F.pad(x, (0, 0, width - 1, 0))
+    w = weight[:, 0, :]
+    out = torch.addcmul(bias, padded[:, :length], w[:, 0])
+    for k in range(1, width):
+        out = torch.addcmul(out, padded[:, k:k + length], w[:, k])
+    return out
 
 
 class Mamba(nn.Module):
@@ -233,7 +283,7 @@ class Mamba(nn.Module):
 
     def _use_cuda_kernel(self, x: torch.Tensor) -> bool:
         if self.backend == "torch":
-            _log_backend_once("Mamba backend: torch (PyTorch selective scan), mamba_backend='torch'.")
+            _log_backend_once(f"Mamba backend: torch ({_torch_scan_name(x)}), mamba_backend='torch'.")
             return False
         if x.is_cuda and self._scan_cuda is not None:
             _log_backend_once("Mamba backend: cuda (mamba_ssm selective_scan_fn kernel).")
@@ -241,15 +291,13 @@ class Mamba(nn.Module):
         if self.backend == "cuda":
             raise MambaBackendError(f"mamba_backend='cuda' needs the model on a CUDA device, got {x.device}.")
         why = self._why_not_cuda or f"input on {x.device}"
-        _log_backend_once(f"Mamba backend: torch (PyTorch selective scan); cuda not used: {why}.")
+        _log_backend_once(f"Mamba backend: torch ({_torch_scan_name(x)}); cuda not used: {why}.")
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [b, l, d_model] -> [b, l, d_model]``, causal in ``l``."""
-        length = x.shape[1]
         u, z = self.in_proj(x).chunk(2, dim=-1)  # [b, l, d_inner] each
-        # depthwise conv padded on both sides; keeping the first `length` outputs makes it causal
-        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length]).transpose(1, 2)
+        u = F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         if self._use_cuda_kernel(x):  # the kernel wants [b, d, l] / [b, n, l] and fuses bias, softplus, gate
@@ -273,9 +321,9 @@ class MambaBlock(nn.Module):
         self.mixer = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
         self.alpha = nn.Parameter(torch.ones(()))
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Dropout(dropout),
+        self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), Dropout(dropout),
                                  nn.Linear(4 * d_model, d_model))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.alpha * self.dropout(self.mixer(self.norm(x)))

@@ -13,7 +13,9 @@ import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_mm.model.layers.dropout import Dropout
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
+from recbole_mm.model.layers.length_groups import by_length
 from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.stein import IICMLoss
 
@@ -31,14 +33,17 @@ class ModalityStream(nn.Module):
         self.register_buffer("features", features, persistent=False)
         self.register_buffer("has_feature", has_feature, persistent=False)
         self.proj = nn.Linear(features.shape[1], align_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = MambaEncoder(n_layers, align_dim, dropout=dropout, **mamba_args)
         self.posterior = nn.Linear(align_dim, 2 * align_dim) if variational else None
 
     def forward(self, item_seq: torch.Tensor):
         """``item_seq: [B, L]`` -> ``(states [B, L, align_dim], mu, logvar)`` (``None`` without
         the variational head)."""
-        states = self.encoder(self.dropout(self.proj(self.features[item_seq])))
+        # project each distinct item of the batch once, then gather: fewer rows than B*L
+        # positions and than the whole item table
+        items, where = torch.unique(item_seq, return_inverse=True)
+        states = self.encoder(self.dropout(self.proj(self.features[items])[where]))
         if self.posterior is None:
             return states, None, None
         mu, logvar = self.posterior(states).chunk(2, dim=-1)
@@ -105,6 +110,7 @@ class FindRec(SequentialRecommender):
         use_cross_attn, use_iicm, use_moe = config["use_cross_attn"], config["use_iicm"], config["use_moe"]
         entropy = config["iicm_entropy"] if config["use_entropy"] else None
         self.iicm_weight = config["iicm_weight"]
+        self.length_groups = config["length_groups"]
         self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
 
         self.modalities = list(dataset.modalities or [])
@@ -113,7 +119,7 @@ class FindRec(SequentialRecommender):
         self.pairs = self._cross_pairs(config["cross_pairs"])
 
         self.item_embedding = nn.Embedding(self.n_items, emb, padding_idx=0)
-        self.id_dropout = nn.Dropout(dropout)
+        self.id_dropout = Dropout(dropout)
         self.id_encoder = MambaEncoder(n_layers, emb, dropout=dropout, **mamba_args)
         self.streams = nn.ModuleList(
             ModalityStream(dataset.item_features[m], dataset.item_feature_mask[m], align, n_layers, dropout,
@@ -126,7 +132,7 @@ class FindRec(SequentialRecommender):
         self.iicm = IICMLoss(entropy, config["entropy_weight"], config["iicm_sigma"],
                              config["stein_eta"]) if use_iicm else None
         fused = emb + align * len(self.moes)
-        self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), nn.Dropout(dropout),
+        self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
         self.loss_fct = nn.CrossEntropyLoss()
 
@@ -153,7 +159,17 @@ class FindRec(SequentialRecommender):
 
     def _encode(self, item_seq, item_seq_len):
         """Sequence representation ``S: [B, embedding_size]``, each view's last state ``z_m``,
-        and (``kl`` only) each view's last ``(mu, logvar)``."""
+        and (``kl`` only) each view's last ``(mu, logvar)``.
+
+        Every part is causal and reads the last valid position, so with ``length_groups`` the
+        batch runs in groups of similar length, each cut to its longest sequence: the same
+        result without computing the padding (docs/design.md, FindRec computation)."""
+        if self.length_groups:
+            return by_length(self._encode_padded, item_seq, item_seq_len)
+        return self._encode_padded(item_seq, item_seq_len)
+
+    def _encode_padded(self, item_seq, item_seq_len):
+        """:meth:`_encode` on the batch as given, padding included."""
         last = item_seq_len - 1
         z_id = self.gather_indexes(self.id_encoder(self.id_dropout(self.item_embedding(item_seq))), last)
         states, views, posteriors = [], [], []
@@ -169,8 +185,10 @@ class FindRec(SequentialRecommender):
             fused.append(self.moes[0](views[0]))
         for (i, j), moe in zip(self.pairs, self.moes):
             if self.cross_attn is not None:
-                key_mask = (item_seq != 0) & self.streams[j].has_feature[item_seq]
-                o = self.gather_indexes(self.cross_attn(states[i], states[j], key_mask), last)
+                # the last valid query attends causally: real positions up to it with this modality
+                valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len[:, None]
+                key_mask = valid & self.streams[j].has_feature[item_seq]
+                o = self.cross_attn(views[i], states[j], key_mask)
             else:
                 o = views[i] + views[j]
             fused.append(moe(o))
