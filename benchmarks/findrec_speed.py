@@ -1,24 +1,26 @@
-"""FindRec training speed and memory on the CPU, against RecBole's SASRec, and the selective
-scans FindRec's PyTorch Mamba backend could use.
+"""FindRec's training cost on the CPU against its floors and against RecBole's SASRec.
 
-    python benchmarks/findrec_speed.py --out results/findrec_speed
-    python benchmarks/findrec_speed.py --out /tmp/fs --batch-size 32 --n-batches 3   # small scale
+    python benchmarks/findrec_speed.py --out results/findrec_speed                  # everything
+    python benchmarks/findrec_speed.py --out /tmp/fs --max-batches 20 --skip-memory   # a quick look
 
-Writes ``<out>/findrec_speed.csv`` and ``<out>/findrec_speed.md`` with two tables:
+Data: the FindRec paper's Amazon Beauty (Table 1: 4,323 users, 2,424 items, 60,276
+interactions), i.e. ``amazon-beauty`` under ``user_inter_num_interval`` / ``item_inter_num_interval``
+``[7,inf)``, RecBole's leave-one-out split and training loader (batch 128 unless ``--batch-size``).
+Every measurement runs in a subprocess of its own (``ru_maxrss`` is that run's peak), all with
+``--threads`` torch threads. Writes ``findrec_speed.csv`` and ``findrec_speed.md`` with four tables:
 
-1. ``model``: seconds for forward + backward + AdamW step over ``--n-batches`` batches (after one
-   warm-up batch; the "epoch equivalent") and peak resident memory, for FindRec (paper
-   dimensions, ``mamba_backend: torch``) and SASRec (RecBole's defaults, ``hidden_size`` =
-   FindRec's ``embedding_size``), at each ``--lengths`` (full sequences of that length). Items and
-   features mimic Amazon Beauty (``--n-items`` items, two 384-d views).
-2. ``scan``: forward + backward of two Mamba mixers (``d_model`` 64, batch ``--scan-batch``) with
-   each selective scan: FindRec's own (chunked, hand-written backward), ``mambapy``'s parallel
-   scan, and the reference recurrence — mamba-ssm's ``selective_scan_ref`` when mamba-ssm imports, else (always on a
-   machine without CUDA) recbole-mm's ``selective_scan_reference`` (said in the output).
-
-Every measurement runs in its own subprocess, so "peak RSS" (``ru_maxrss``) is that run's and
-the increase over the RSS just before the timed batches is reported too. Timings are the best
-of ``--repeats`` runs; the load average is recorded because a shared machine skews them.
+1. ``paper``: one training epoch of FindRec at the paper's dimensions (``properties/model/FindRec.yaml``)
+   — forward, backward, gradient clipping and the AdamW step over every batch (or the first
+   ``--max-batches``, extrapolated and said so), with the padded-batch computation beside it
+   (``length_groups: false``).
+2. ``equal-width``: FindRec (``embedding_size`` = ``align_dim`` = 64) against SASRec (``hidden_size``
+   64), 2 layers each, at ``MAX_ITEM_LIST_LENGTH`` 50 and 200: s/epoch and peak memory.
+3. ``scan``: forward + backward of one selective scan at the paper's size (batch 128, length 50,
+   ``d_inner`` 512, ``d_state`` 16): the compiled kernel, the PyTorch step loop it replaces, and
+   ``mambapy``'s parallel scan.
+4. ``floor`` (in each row of 1-2): the real (non-padding) positions x FLOPs per position of the
+   model's position-wise matrix products (forward + backward = 3x forward), plus the per-sequence
+   output products, divided by this machine's fp32 matmul rate measured in the same run.
 """
 
 import argparse
@@ -29,198 +31,213 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
-FIELDS = ["table", "name", "length", "batch", "n_batches", "seconds", "seconds_per_batch", "peak_rss_mb",
-          "rss_increase_mb", "max_abs_diff_vs_ours", "note"]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+PAPER_BEAUTY = {"user_inter_num_interval": "[7,inf)", "item_inter_num_interval": "[7,inf)"}
+FIELDS = ["table", "name", "max_length", "threads", "batches", "batches_timed", "seconds_timed", "s_per_epoch",
+          "peak_rss_mb", "real_positions", "padded_positions", "gflop_per_epoch", "floor_s", "note"]
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _quiet_torch():
+def _torch(threads):
     import torch
 
-    # RecBole 1.2.1's sine.py turns on autograd anomaly detection for the whole process when
-    # recbole.model.sequential_recommender is imported; it would double every backward pass.
+    torch.set_num_threads(threads)
+    # RecBole 1.2.1's sine.py turns on anomaly detection for the whole process when its
+    # sequential models are imported; it would double every backward pass.
     torch.autograd.set_detect_anomaly(False)
     return torch
 
 
-def _model_worker(args) -> dict:
-    import recbole_mm  # noqa: F401  (registers the models)
-    from recbole.data.interaction import Interaction
+def _position_flops(model) -> tuple:
+    """Forward FLOPs per position of the position-wise ``nn.Linear`` maps inside the sequence
+    encoders, and per sequence of everything after them (routers, experts, output FFN, logits)."""
+    import torch.nn as nn
 
+    per_position = per_sequence = 0
+    encoders = [m for name, m in model.named_modules() if name.endswith(("encoder", "streams", "trm_encoder"))]
+    positional = {id(lin) for enc in encoders for lin in enc.modules() if isinstance(lin, nn.Linear)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            flops = 2 * module.in_features * module.out_features
+            if id(module) in positional:
+                per_position += flops
+            else:
+                per_sequence += flops
+    per_sequence += 2 * model.item_embedding.weight.numel()  # the logits over all items
+    return per_position, per_sequence
+
+
+def _epoch_worker(args) -> dict:
+    torch = _torch(args.threads)
+    import recbole_mm  # noqa: F401  (compat and registration)
     from recbole_mm.config import Config
-    from recbole_mm.data.synthetic import make_planted_dataset
-    from recbole_mm.registry import create_dataset, get_model
+    from recbole_mm.quick_start.quick_start import build_data_and_model
 
-    torch = _quiet_torch()
-    root = tempfile.mkdtemp(prefix="findrec_speed_")
-    make_planted_dataset(root, name="bench", n_items=args.n_items, modalities=("title", "attr"), dims=(384, 384))
-    common = {"data_path": root, "modalities": ["title", "attr"], "MAX_ITEM_LIST_LENGTH": args.length,
-              "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}, "state": "ERROR",
-              "show_progress": False, "checkpoint_dir": os.path.join(root, "saved"), "use_gpu": False}
-    extra = {"mamba_backend": "torch"} if args.name == "FindRec" else {
-        "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2, "loss_type": "CE"}
-    config = Config(model=args.name, dataset="bench", config_dict={**common, **extra})
-    dataset = create_dataset(config)
-    model = get_model(args.name)(config, dataset)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    n_items = dataset.item_num
-
-    def batch():
-        return Interaction({
-            model.ITEM_SEQ: torch.randint(1, n_items, (args.batch_size, args.length), generator=g),
-            model.ITEM_SEQ_LEN: torch.full((args.batch_size,), args.length),
-            model.POS_ITEM_ID: torch.randint(1, n_items, (args.batch_size,), generator=g)})
-
-    def step(b):
-        optimizer.zero_grad()
-        loss = model.calculate_loss(b)
-        (sum(loss) if isinstance(loss, tuple) else loss).backward()
-        optimizer.step()
-
+    overrides = json.loads(args.overrides)
+    config = Config(model=args.name, dataset=args.dataset, config_dict={
+        **PAPER_BEAUTY, "MAX_ITEM_LIST_LENGTH": args.length, "train_batch_size": args.batch_size,
+        "state": "ERROR", "show_progress": False, "use_gpu": False, "checkpoint_dir": "/tmp/findrec_speed_saved",
+        **overrides})
+    dataset, train, valid, test, model = build_data_and_model(config)
+    torch = _torch(args.threads)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    per_position, per_sequence = _position_flops(model)
     model.train()
-    batches = [batch() for _ in range(args.n_batches + 1)]
-    step(batches[0])  # warm-up
-    before = _rss_mb()
-    best = float("inf")
-    for _ in range(args.repeats):
+    timed, seconds, real, padded, sequences = 0, 0.0, 0, 0, 0
+    for i, batch in enumerate(train):
+        if args.max_batches and timed >= args.max_batches:
+            break
         start = time.perf_counter()
-        for b in batches[1:]:
-            step(b)
-        best = min(best, time.perf_counter() - start)
-    return {"seconds": best, "peak_rss_mb": _peak_rss_mb(), "rss_increase_mb": max(0.0, _peak_rss_mb() - before),
-            "note": f"{sum(p.numel() for p in model.parameters())} parameters"}
+        optimizer.zero_grad()
+        loss = model.calculate_loss(batch)
+        (sum(loss) if isinstance(loss, tuple) else loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if i == 0 and args.max_batches:
+            continue  # warm-up (first-call allocations) when extrapolating from a sample
+        seconds += time.perf_counter() - start
+        timed += 1
+        lengths = batch[model.ITEM_SEQ_LEN]
+        real += int(lengths.sum())
+        padded += lengths.numel() * batch[model.ITEM_SEQ].shape[1]
+        sequences += lengths.numel()
+    scale = len(train) / timed
+    gflop = 3 * (real * per_position + sequences * per_sequence) * scale / 1e9
+    return {"batches": len(train), "batches_timed": timed, "seconds_timed": seconds, "s_per_epoch": seconds * scale,
+            "peak_rss_mb": _peak_rss_mb(), "real_positions": round(real * scale), "padded_positions": round(padded * scale),
+            "gflop_per_epoch": gflop, "note": f"{dataset.user_num - 1} users, {dataset.item_num - 1} items"}
 
 
 def _scan_worker(args) -> dict:
-    from mambapy.pscan import pscan
-
+    torch = _torch(args.threads)
     from recbole_mm.model.layers import mamba as mamba_mod
 
-    torch = _quiet_torch()
-    ours = mamba_mod.selective_scan
+    g = torch.Generator().manual_seed(0)
+    b, length, d, n = args.batch_size, args.length, 512, 16
+    u = torch.randn(b, length, d, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g) - 2)
+    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)
+    B, C, D = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g), torch.ones(d)
+    inputs = [x.requires_grad_() for x in (u, delta, A, B, C, D)]
+    dy = torch.randn(b, length, d, generator=g)
 
-    def with_pscan(u, delta, A, B, C, D):
+    def mambapy_scan(u, delta, A, B, C, D):
+        from mambapy.pscan import pscan
+
         states = pscan(torch.exp(delta.unsqueeze(-1) * A), (delta * u).unsqueeze(-1) * B.unsqueeze(2))
         return (states @ C.unsqueeze(-1)).squeeze(-1) + u * D
 
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref as reference
-        ref_note = "mamba_ssm selective_scan_ref"
-    except Exception as err:  # mamba-ssm's modules import its CUDA extension unconditionally
-        reference = mamba_mod.selective_scan_reference
-        ref_note = f"recbole-mm selective_scan_reference (mamba_ssm not importable: {type(err).__name__})"
-
-    def with_reference(u, delta, A, B, C, D):
-        t = lambda x: x.transpose(1, 2)  # noqa: E731  the reference wants [b, d, l] / [b, n, l]
-        return t(reference(t(u), t(delta), A, t(B), t(C), D))
-
-    scans = {"ours": ours, "mambapy_pscan": with_pscan, "reference": with_reference}
-    torch.manual_seed(0)
-    layers = [mamba_mod.Mamba(64, d_state=16, d_conv=4, expand=2, backend="torch") for _ in range(2)]
-    x0 = torch.randn(args.scan_batch, args.length, 64)
-
-    def run(scan):
-        mamba_mod.selective_scan = scan
-        x = x0.clone().requires_grad_(True)
-        h = x
-        for layer in layers:
-            h = h + layer(h)
-        h.square().mean().backward()
-        return h.detach()
-
-    expected = run(ours)
-    out = run(scans[args.name])
-    before = _rss_mb()
+    scans = {"compiled kernel": lambda *x: mamba_mod.selective_scan(*x, kernel=True),
+             "PyTorch step loop (before)": lambda *x: mamba_mod.selective_scan(*x, kernel=False),
+             "mambapy pscan": mambapy_scan}
+    scan = scans[args.name]
+    reference = torch.autograd.grad((mamba_mod.selective_scan(*inputs, kernel=False) * dy).sum(), inputs)
     best = float("inf")
-    for _ in range(args.repeats):
+    for _ in range(args.repeats + 1):
         start = time.perf_counter()
-        run(scans[args.name])
+        grads = torch.autograd.grad((scan(*inputs) * dy).sum(), inputs)
         best = min(best, time.perf_counter() - start)
-    return {"seconds": best, "peak_rss_mb": _peak_rss_mb(), "rss_increase_mb": max(0.0, _peak_rss_mb() - before),
-            "max_abs_diff_vs_ours": float((out - expected).abs().max()),
-            "note": ref_note if args.name == "reference" else ""}
+    diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(grads, reference))
+    return {"seconds_timed": best, "peak_rss_mb": _peak_rss_mb(), "note": f"max relative gradient difference {diff:.1e}"}
 
 
-def _measure(args, table, name, length) -> dict:
-    cmd = [sys.executable, __file__, "--worker", table, "--name", name, "--length", str(length),
-           "--batch-size", str(args.batch_size), "--n-batches", str(args.n_batches), "--n-items", str(args.n_items),
-           "--scan-batch", str(args.scan_batch), "--repeats", str(args.repeats)]
+def _matmul_worker(args) -> dict:
+    torch = _torch(args.threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"seconds_timed": best, "note": f"{2 * 2048 ** 3 / best / 1e9:.1f} GFLOP/s"}
+
+
+def _run(args, table, name, length=50, overrides=None) -> dict:
+    worker = table if table in ("scan", "matmul") else "epoch"
+    cmd = [sys.executable, __file__, "--worker", worker, "--name", name, "--length", str(length),
+           "--batch-size", str(args.batch_size), "--max-batches", str(args.max_batches), "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--dataset", args.dataset, "--overrides", json.dumps(overrides or {})]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    batch, n = (args.batch_size, args.n_batches) if table == "model" else (args.scan_batch, 1)
-    row.update(table=table, name=name, length=length, batch=batch, n_batches=n, seconds_per_batch=row["seconds"] / n)
-    print(f"{table:5s} {name:14s} L={length:<4d} {row['seconds']:8.2f} s  peak {row['peak_rss_mb']:8.0f} MB  "
-          f"{row.get('note', '')}", flush=True)
+    row.update(table=table, name=name + (f" {json.dumps(overrides)}" if overrides else ""), max_length=length,
+               threads=args.threads)
+    print(json.dumps(row), flush=True)
     return row
 
 
-def _markdown(rows, args) -> str:
-    import torch
+def _fmt(x, spec):
+    return "" if x in (None, "") else format(x, spec)
 
+
+def _markdown(rows, args, rate) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines = [f"# FindRec speed (CPU)", "",
-             f"`{' '.join(sys.argv)}` — torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"{platform.processor() or platform.machine()}, load average at the end {load}.", "",
-             f"## Training: forward + backward + AdamW step over {args.n_batches} batches of {args.batch_size}", "",
-             "| model | max length | seconds | s / batch | peak RSS (MB) | RSS increase (MB) | note |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['length']} | {r['seconds']:.2f} | {r['seconds_per_batch']:.3f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['rss_increase_mb']:.0f} | {r['note']} |" for r in rows if r["table"] == "model"]
-    lines += ["", f"## Selective scan: forward + backward, 2 Mamba layers, d_model 64, batch {args.scan_batch}", "",
-              "| scan | length | seconds | peak RSS (MB) | max abs diff vs ours | note |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['length']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['max_abs_diff_vs_ours']:.1e} | {r['note']} |" for r in rows if r["table"] == "scan"]
+    lines = ["# FindRec training cost (CPU)", "",
+             f"`{' '.join(sys.argv)}` — {platform.processor() or platform.machine()}, {args.threads} torch threads, "
+             f"fp32 matmul {rate:.1f} GFLOP/s (2048^3, same run), load average at the end {load}.", "",
+             "| table | model | max length | s / epoch | floor s / epoch | x floor | real / padded positions | "
+             "peak RSS (MB) | batches timed | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["table"] in ("paper", "equal-width"):
+            lines.append(f"| {r['table']} | {r['name']} | {r['max_length']} | {r['s_per_epoch']:.1f} | {r['floor_s']:.1f} | "
+                         f"{r['s_per_epoch'] / r['floor_s']:.1f} | {r['real_positions']:,} / {r['padded_positions']:,} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['batches_timed']} of {r['batches']} | {r['note']} |")
+    lines += ["", "| scan (batch 128, length 50, d_inner 512, d_state 16) | forward + backward s | note |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['seconds_timed']:.3f} | {r['note']} |" for r in rows if r["table"] == "scan"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="folder for findrec_speed.csv / .md")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--dataset", default="amazon-beauty")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (paper: 128)")
-    parser.add_argument("--n-batches", type=int, default=10, help="timed batches per model run")
-    parser.add_argument("--n-items", type=int, default=12000, help="items (Amazon Beauty: 12,101)")
-    parser.add_argument("--scan-batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions; the best is kept")
-    parser.add_argument("--skip-scans", action="store_true")
-    parser.add_argument("--worker", choices=["model", "scan"], help=argparse.SUPPRESS)
+    parser.add_argument("--max-batches", type=int, default=0, help="time this many batches and extrapolate (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="scan timings: the best of this many")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["paper", "padded", "equal-width", "scan"])
+    parser.add_argument("--worker", choices=["epoch", "scan", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
-    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=50, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps((_model_worker if args.worker == "model" else _scan_worker)(args)))
+        print(json.dumps({"epoch": _epoch_worker, "scan": _scan_worker, "matmul": _matmul_worker}[args.worker](args)))
         return
     if not args.out:
         parser.error("--out is required")
-    rows = [_measure(args, "model", name, length) for length in args.lengths for name in ("FindRec", "SASRec")]
-    if not args.skip_scans:
-        rows += [_measure(args, "scan", name, length) for length in args.lengths
-                 for name in ("ours", "mambapy_pscan", "reference")]
+    rate = float(_run(args, "matmul", "matmul")["note"].split()[0])
+    rows = []
+    if "paper" not in args.skip:
+        rows.append(_run(args, "paper", "FindRec"))
+    if "padded" not in args.skip:
+        rows.append(_run(args, "paper", "FindRec", overrides={"length_groups": False}))
+    if "equal-width" not in args.skip:
+        for length in (50, 200):
+            rows.append(_run(args, "equal-width", "FindRec", length, {"embedding_size": 64, "align_dim": 64}))
+            rows.append(_run(args, "equal-width", "SASRec", length, {
+                "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2, "loss_type": "CE",
+                "train_neg_sample_args": None}))
+    for row in rows:
+        row["floor_s"] = row["gflop_per_epoch"] / rate
+    if "scan" not in args.skip:
+        rows += [_run(args, "scan", name) for name in ("compiled kernel", "PyTorch step loop (before)", "mambapy pscan")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "findrec_speed.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "findrec_speed.md").write_text(_markdown(rows, args))
+    (out / "findrec_speed.md").write_text(_markdown(rows, args, rate))
     print(f"wrote {out / 'findrec_speed.csv'} and {out / 'findrec_speed.md'}")
 
 

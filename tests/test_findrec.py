@@ -13,7 +13,7 @@ from recbole.utils import init_seed
 
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
-from recbole_mm.trainer.findrec_trainer import cosine_with_warmup
+from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,6 +175,7 @@ def test_cosine_schedule_with_warmup():
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert f[4] == 1.0 and f[8] == pytest.approx(0.5) and f[12] == pytest.approx(0.0) and f[13] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert [constant_with_warmup(s, warmup_steps=2, total_steps=5) for s in range(6)] == [0.5, 1, 1, 1, 1, 1]
 
 # ------------------------------------------------------------------ the model (needs the foundation)
 
@@ -235,9 +236,10 @@ def test_losses_gradients_and_checkpoint_layout(planted3):
     assert not any("features" in k or "has_feature" in k for k in model.state_dict())
     model.train()
     batch = next(iter(train))
-    ce, iicm = model.calculate_loss(batch)
-    assert torch.isfinite(ce) and torch.isfinite(iicm) and iicm.item() != 0
-    (ce + iicm).backward()
+    ce, align, entropy = model.calculate_loss(batch)
+    assert model.loss_names == ("ce", "iicm_align", "iicm_entropy")
+    assert all(torch.isfinite(x) for x in (ce, align, entropy)) and align.item() != 0 and entropy.item() != 0
+    (ce + align + entropy).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
     assert model.calculate_loss(batch[:1])[0].isfinite()  # a last batch of one sequence
@@ -283,7 +285,7 @@ def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
 
 
 def test_length_groups_cut_where_padding_outweighs_a_call():
-    from recbole_mm.model.layers.length_groups import by_length, length_groups
+    from recbole_mm.model.layers.length_groups import LengthGroups, length_groups
 
     lengths = torch.tensor([3, 50, 2, 3, 49, 2])
     groups = length_groups(lengths, overhead=10)
@@ -291,8 +293,14 @@ def test_length_groups_cut_where_padding_outweighs_a_call():
     assert len(length_groups(lengths, overhead=1000)) == 1
     assert len(length_groups(torch.tensor([1, 2, 3]), overhead=0)) == 3
     seq = torch.arange(6 * 50).view(6, 50)
-    out = by_length(lambda s, n: (s.shape[1] * torch.ones_like(n), [s[:, 0]]), seq, lengths, overhead=10)
-    assert out[0].tolist() == [3, 50, 3, 3, 50, 3] and out[1][0].tolist() == seq[:, 0].tolist()
+    cut = LengthGroups(lengths, overhead=10)
+    widths = [s.shape[1] for s, _ in cut.inputs(seq, lengths)]
+    assert widths == [3, 50]
+    merged = cut.merge([(s[:, 0], [torch.full_like(n, s.shape[1])]) for s, n in cut.inputs(seq, lengths)])
+    assert merged[0].tolist() == seq[:, 0].tolist() and merged[1][0].tolist() == [3, 50, 3, 3, 50, 3]
+    assert [x.tolist() for x in cut.split(seq[:, 0])] == [seq[g, 0].tolist() for g in groups]
+    whole = LengthGroups(lengths, enabled=False)
+    assert [s.shape[1] for s, _ in whole.inputs(seq, lengths)] == [50] and whole.merge([seq]) is seq
 
 
 def test_full_sort_equals_predict(planted3):
@@ -326,8 +334,8 @@ def test_switches_and_modality_counts(planted3, caplog):
     assert "one modality (text)" in caplog.text
     assert single.pairs == [] and single.cross_attn is None and len(single.moes) == 1
     single.train()
-    ce, iicm = single.calculate_loss(next(iter(train)))  # entropy only
-    assert torch.isfinite(iicm)
+    ce, entropy = single.calculate_loss(next(iter(train)))  # entropy only
+    assert single.loss_names == ("ce", "iicm_entropy") and torch.isfinite(entropy)
 
     three, train = _model(planted3, modalities=["image", "text", "audio"])
     assert three.pairs == [(0, 1), (0, 2)] and len(three.moes) == 2
@@ -337,6 +345,28 @@ def test_switches_and_modality_counts(planted3, caplog):
         _model(planted3, cross_pairs=[["image", "image"]])
     with pytest.raises(ValueError, match="loss_type must be 'CE'"):
         _model(planted3, loss_type="BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+
+
+def test_loss_terms_are_logged_with_their_gradient_norms(planted3, caplog):
+    model, train = _model(planted3, dropout_prob=0.0, log_loss_terms=True)
+    model.train()
+    batch = next(iter(train))
+    ce, align, entropy = model.calculate_loss(batch)
+    report = model.loss_term_report()
+    assert list(report) == ["ce", "iicm_align", "iicm_entropy"]
+    assert report["iicm_align"][0] == pytest.approx(align.item())
+    # the gradient norm at the streams' last states, by hand for the alignment and the entropy
+    _, views, _ = model._encode(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    parts = model.iicm.terms(views, model.pairs)
+    for name, part in (("iicm_align", parts["align"]), ("iicm_entropy", parts["entropy"])):
+        grads = torch.autograd.grad(model.iicm_weight * part, views)
+        expected = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+        assert report[name][1] == pytest.approx(expected, rel=1e-4)
+    assert report["ce"][1] > 0
+    with caplog.at_level(logging.INFO):
+        model.eval()
+    assert "FindRec loss terms (mean value, |grad at z_m|, share of ce's): ce " in caplog.text
+    assert model.loss_term_report() == {}
 
 
 def test_expert_load_is_logged_when_switching_to_evaluation(planted3, caplog):
@@ -359,7 +389,7 @@ def _record_lrs(trainer):
 def test_trainer_schedule_and_resume(planted3):
     from recbole_mm.registry import get_model, get_trainer
 
-    config, train, valid, test = _prepare(planted3, epochs=2, warmup_steps=3)
+    config, train, valid, test = _prepare(planted3, epochs=2, warmup_steps=3, lr_schedule="cosine")
     n = len(train)
     model = get_model("FindRec")(config, train._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
@@ -378,6 +408,25 @@ def test_trainer_schedule_and_resume(planted3):
     lrs = _record_lrs(resumed)
     resumed.fit(train, valid, saved=False, show_progress=False)
     assert lrs == pytest.approx([0.005 * cosine_with_warmup(s, 3, 3 * n) for s in range(done, 3 * n)])
+
+
+def test_weight_decay_spares_what_mamba_ssm_spares(planted3):
+    from recbole_mm.registry import get_model, get_trainer
+
+    config, train, valid, test = _prepare(planted3)
+    model = get_model("FindRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, spared = ({names[id(p)] for p in g["params"]} for g in trainer.optimizer.param_groups)
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0]
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert {"id_encoder.layers.0.mixer.A_log", "id_encoder.layers.0.mixer.D", "id_encoder.layers.0.alpha",
+            "id_encoder.layers.0.norm.weight", "id_encoder.norm.bias", "output_ffn.0.bias"} <= spared
+    assert {"item_embedding.weight", "id_encoder.layers.0.mixer.in_proj.weight", "streams.0.proj.weight",
+            "output_ffn.0.weight"} <= decayed
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        get_trainer(config["MODEL_TYPE"], "FindRec")(
+            _prepare(planted3, lr_schedule="linear")[0], model)
 
 
 def test_training_through_quick_start_beats_untrained_and_popularity(planted3):

@@ -6,7 +6,7 @@ outputs at real positions do not depend on what follows them, so a batch can be 
 similar length, each truncated to its own longest sequence, with exactly the same result.
 """
 
-from typing import Callable, List
+from typing import List
 
 import torch
 
@@ -41,26 +41,39 @@ def length_groups(lengths: torch.Tensor, overhead: int = GROUP_OVERHEAD) -> List
     return [order[lo:hi] for lo, hi in reversed(bounds)]
 
 
-def _cat(parts, inverse):
-    """Concatenates per-group outputs (tensors with the batch first, or lists/tuples of them,
-    or ``None``) and puts the rows back in the batch's order."""
-    first = parts[0]
-    if first is None:
-        return None
-    if isinstance(first, (list, tuple)):
-        return type(first)(_cat([p[k] for p in parts], inverse) for k in range(len(first)))
-    return torch.cat(parts)[inverse]
+class LengthGroups:
+    """A right-padded batch cut by :func:`length_groups` (or, with ``enabled`` false, the padded
+    batch as it is: one group of full width).
 
+    :meth:`inputs` gives each group's ``(item_seq, item_seq_len)``; :meth:`merge` puts per-group
+    outputs back into the batch's order; :meth:`split` cuts a batch-ordered tensor by group, so a
+    later step can run per group on merged tensors (gradients then reach the merged ones).
+    """
 
-def by_length(encode: Callable, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
-              overhead: int = GROUP_OVERHEAD):
-    """``encode(item_seq[g, :max_len_g], item_seq_len[g])`` for each group ``g`` of
-    :func:`length_groups`, outputs reassembled in the batch's order. ``encode`` must return
-    per-sequence outputs (batch first), or lists/tuples of them (``None`` allowed)."""
-    groups = length_groups(item_seq_len, overhead)
-    if len(groups) == 1:
-        return encode(item_seq[:, :int(item_seq_len.max())], item_seq_len)
-    parts = [encode(item_seq[idx, :int(item_seq_len[idx[-1]])], item_seq_len[idx]) for idx in groups]
-    inverse = torch.empty_like(item_seq_len)
-    inverse[torch.cat(groups)] = torch.arange(len(item_seq_len), device=item_seq_len.device)
-    return _cat(parts, inverse)
+    def __init__(self, item_seq_len: torch.Tensor, enabled: bool = True, overhead: int = GROUP_OVERHEAD):
+        self.enabled = enabled
+        self.groups = length_groups(item_seq_len, overhead) if enabled else [None]
+        if len(self.groups) == 1:
+            self.groups = [None]
+            self.inverse = None
+        else:
+            self.inverse = torch.empty_like(item_seq_len)
+            self.inverse[torch.cat(self.groups)] = torch.arange(len(item_seq_len), device=item_seq_len.device)
+
+    def inputs(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        for idx in self.groups:
+            seq, lens = (item_seq, item_seq_len) if idx is None else (item_seq[idx], item_seq_len[idx])
+            yield (seq[:, :int(lens.max())] if self.enabled else seq), lens
+
+    def split(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [x if idx is None else x[idx] for idx in self.groups]
+
+    def merge(self, parts):
+        """Per-group outputs (tensors with the batch first, lists/tuples of them, or ``None``) in
+        the batch's order."""
+        first = parts[0]
+        if first is None:
+            return None
+        if isinstance(first, (list, tuple)):
+            return type(first)(self.merge([p[k] for p in parts]) for k in range(len(first)))
+        return first if self.inverse is None else torch.cat(parts)[self.inverse]

@@ -9,7 +9,7 @@
 The Gaussian kernels come from :mod:`recbole_mm.model.loss.kernels` (shared with MambaRec).
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -91,17 +91,24 @@ class IICMLoss(nn.Module):
         sigma = self.sigma if self.sigma is not None else median_bandwidth(z_a, z_b)
         return 1.0 - paired_gaussian_kernel(z_a, z_b, sigma).mean()
 
-    def forward(self, views: Sequence[torch.Tensor], pairs: Sequence[Tuple[int, int]],
-                posteriors: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
-        """``views[m]: [B, d]`` (row ``b`` = the same sequence in every view); ``pairs`` index the
+    def terms(self, views: Sequence[torch.Tensor], pairs: Sequence[Tuple[int, int]],
+              posteriors: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+        """The two parts of ``L_IICM``, ``{"align": L_align, "entropy": entropy_weight * L_ent}``,
+        each present only where it applies (no pair: no alignment; ``entropy=None``: no entropy).
+        ``views[m]: [B, d]`` (row ``b`` = the same sequence in every view); ``pairs`` index the
         views to align; ``posteriors[m] = (mu, logvar)`` of each view, needed for ``kl``."""
-        loss = views[0].new_zeros(())
+        parts = {}
         if pairs:
-            loss = loss + sum(self.alignment(views[i], views[j]) for i, j in pairs) / len(pairs)
+            parts["align"] = sum(self.alignment(views[i], views[j]) for i, j in pairs) / len(pairs)
         if self.entropy == "stein":
-            loss = loss + self.entropy_weight * sum(self.stein(z) for z in views) / len(views)
+            parts["entropy"] = self.entropy_weight * sum(self.stein(z) for z in views) / len(views)
         elif self.entropy == "kl":
             if posteriors is None:
                 raise ValueError("iicm_entropy 'kl' needs the (mu, logvar) of every view")
-            loss = loss + self.entropy_weight * sum(gaussian_kl(mu, lv) for mu, lv in posteriors) / len(posteriors)
-        return loss
+            parts["entropy"] = self.entropy_weight * sum(gaussian_kl(mu, lv) for mu, lv in posteriors) / len(posteriors)
+        return parts
+
+    def forward(self, views: Sequence[torch.Tensor], pairs: Sequence[Tuple[int, int]],
+                posteriors: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+        """``L_IICM``: the sum of :meth:`terms`."""
+        return sum(self.terms(views, pairs, posteriors).values(), views[0].new_zeros(()))

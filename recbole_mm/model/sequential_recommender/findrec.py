@@ -15,7 +15,7 @@ from recbole.utils import InputType
 
 from recbole_mm.model.layers.dropout import Dropout
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
-from recbole_mm.model.layers.length_groups import by_length
+from recbole_mm.model.layers.length_groups import LengthGroups
 from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.stein import IICMLoss
 
@@ -111,6 +111,9 @@ class FindRec(SequentialRecommender):
         entropy = config["iicm_entropy"] if config["use_entropy"] else None
         self.iicm_weight = config["iicm_weight"]
         self.length_groups = config["length_groups"]
+        self.log_loss_terms = config["log_loss_terms"]
+        self._loss_term_sums = {}
+        self.loss_names = ("ce",)
         self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
 
         self.modalities = list(dataset.modalities or [])
@@ -161,15 +164,30 @@ class FindRec(SequentialRecommender):
         """Sequence representation ``S: [B, embedding_size]``, each view's last state ``z_m``,
         and (``kl`` only) each view's last ``(mu, logvar)``.
 
-        Every part is causal and reads the last valid position, so with ``length_groups`` the
-        batch runs in groups of similar length, each cut to its longest sequence: the same
-        result without computing the padding (docs/design.md, FindRec computation)."""
-        if self.length_groups:
-            return by_length(self._encode_padded, item_seq, item_seq_len)
-        return self._encode_padded(item_seq, item_seq_len)
+        Every stream is causal and the head reads the last valid position, so with
+        ``length_groups`` the streams run on groups of similar length, each cut to its longest
+        sequence: the result of the padded batch without computing the padding. The head runs on
+        the merged last states (the cross-attention per group, for its keys), so every loss
+        term's gradient passes through the same ``z_m``."""
+        groups = LengthGroups(item_seq_len, enabled=self.length_groups)
+        parts = [self._streams(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)]
+        z_id, views, posteriors = groups.merge([part[:3] for part in parts])
+        fused = []
+        if not self.pairs:
+            fused.append(self.moes[0](views[0]))
+        for (i, j), moe in zip(self.pairs, self.moes):
+            if self.cross_attn is not None:
+                queries = groups.split(views[i])
+                o = groups.merge([self.cross_attn(q, part[3][j], part[4][j]) for q, part in zip(queries, parts)])
+            else:
+                o = views[i] + views[j]
+            fused.append(moe(o))
+        seq_output = self.output_ffn(torch.cat([z_id] + fused, dim=-1))
+        return seq_output, views, posteriors
 
-    def _encode_padded(self, item_seq, item_seq_len):
-        """:meth:`_encode` on the batch as given, padding included."""
+    def _streams(self, item_seq, item_seq_len):
+        """The ID and modality streams over one group: ``(z_id, views, posteriors)`` at the last
+        valid position, then each modality's full states and the cross-attention's key masks."""
         last = item_seq_len - 1
         z_id = self.gather_indexes(self.id_encoder(self.id_dropout(self.item_embedding(item_seq))), last)
         states, views, posteriors = [], [], []
@@ -179,34 +197,49 @@ class FindRec(SequentialRecommender):
             views.append(self.gather_indexes(seq, last))
             if mu is not None:
                 posteriors.append((self.gather_indexes(mu, last), self.gather_indexes(logvar, last)))
-
-        fused = []
-        if not self.pairs:
-            fused.append(self.moes[0](views[0]))
-        for (i, j), moe in zip(self.pairs, self.moes):
-            if self.cross_attn is not None:
-                # the last valid query attends causally: real positions up to it with this modality
-                valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len[:, None]
-                key_mask = valid & self.streams[j].has_feature[item_seq]
-                o = self.cross_attn(views[i], states[j], key_mask)
-            else:
-                o = views[i] + views[j]
-            fused.append(moe(o))
-        seq_output = self.output_ffn(torch.cat([z_id] + fused, dim=-1))
-        return seq_output, views, posteriors
+        # the last valid query attends causally: the real positions up to it that have the modality
+        valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len[:, None]
+        key_masks = [valid & stream.has_feature[item_seq] for stream in self.streams]
+        return z_id, views, posteriors or None, states, key_masks
 
     def forward(self, item_seq, item_seq_len):
         return self._encode(item_seq, item_seq_len)[0]
 
     def calculate_loss(self, interaction):
+        """Eq. 5 as the tuple of its terms (RecBole sums them and logs each; :attr:`loss_names`
+        names them): ``ce``, ``iicm_align`` and ``iicm_entropy`` (each already times
+        ``iicm_weight``), ``moe_balance``."""
         seq_output, views, posteriors = self._encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         logits = seq_output @ self.item_embedding.weight.t()
-        losses = [self.loss_fct(logits, interaction[self.POS_ITEM_ID])]
+        terms = {"ce": self.loss_fct(logits, interaction[self.POS_ITEM_ID])}
         if self.iicm is not None:
-            losses.append(self.iicm_weight * self.iicm(views, self.pairs, posteriors or None))
+            for part, value in self.iicm.terms(views, self.pairs, posteriors or None).items():
+                terms[f"iicm_{part}"] = self.iicm_weight * value
         if self.moe_balance_weight > 0:
-            losses.append(self.moe_balance_weight * sum(m.balance_loss() for m in self.moes) / len(self.moes))
-        return tuple(losses) if len(losses) > 1 else losses[0]
+            terms["moe_balance"] = self.moe_balance_weight * sum(m.balance_loss() for m in self.moes) / len(self.moes)
+        if self.log_loss_terms and self.training:
+            self._record_loss_terms(terms, views)
+        self.loss_names = tuple(terms)
+        losses = tuple(terms.values())
+        return losses if len(losses) > 1 else losses[0]
+
+    @torch.no_grad()
+    def _record_loss_terms(self, terms, views):
+        """Adds each term's value and the norm of its gradient at the modality streams' outputs
+        ``z_m`` (all views together) to the running sums logged by :meth:`train`."""
+        with torch.enable_grad():
+            grads = {name: torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
+                     for name, value in terms.items()}
+        for name, value in terms.items():
+            norm = torch.sqrt(sum((g.pow(2).sum() for g in grads[name] if g is not None), value.new_zeros(())))
+            total = self._loss_term_sums.setdefault(name, [0.0, 0.0, 0])
+            total[0] += value.item()
+            total[1] += norm.item()
+            total[2] += 1
+
+    def loss_term_report(self):
+        """``{term: (mean value, mean gradient norm at z_m)}`` since the last reset (``log_loss_terms``)."""
+        return {name: (v / n, g / n) for name, (v, g, n) in self._loss_term_sums.items()}
 
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
@@ -223,7 +256,14 @@ class FindRec(SequentialRecommender):
         return {name: load for name, moe in zip(names, self.moes) if (load := moe.expert_load()) is not None}
 
     def train(self, mode: bool = True):
-        """Switching to evaluation logs the expert load of the training batches since the last switch."""
+        """Switching to evaluation logs the expert load of the training batches since the last
+        switch and, with ``log_loss_terms``, each loss term's mean value and gradient norm."""
+        if not mode and self._loss_term_sums:
+            ce_grad = self.loss_term_report().get("ce", (0.0, 0.0))[1]
+            self.logger.info("FindRec loss terms (mean value, |grad at z_m|, share of ce's): " + ", ".join(
+                f"{name} {value:.4g} |{grad:.3g}| {grad / ce_grad if ce_grad else float('nan'):.1%}"
+                for name, (value, grad) in self.loss_term_report().items()))
+            self._loss_term_sums.clear()
         if not mode:
             for name, (weight, top1) in self.expert_load().items():
                 self.logger.info(f"FindRec expert load [{name}]: mean router weight "
