@@ -1,7 +1,7 @@
 """recbole-mm: multimodal recommenders (MambaRec, FindRec) as a RecBole plug-in.
 
-Importing the package applies the compatibility fixes (:mod:`recbole_mm.compat`) and registers
-our models into RecBole (:func:`recbole_mm.registry.register_into_recbole`); after that both
+Importing the package applies the compatibility fixes and registers our models into RecBole
+(both in :mod:`recbole_mm.compat`, the one module that changes RecBole's); after that both
 ``recbole_mm.quick_start.run_recbole`` and RecBole's own ``recbole.quick_start.run_recbole``
 run FindRec, MambaRec and every RecBole model by name.
 """
@@ -10,13 +10,15 @@ from recbole_mm import compat
 
 compat.apply()
 
-from recbole_mm.registry import register_into_recbole  # noqa: E402
-
-register_into_recbole()
-
+from recbole_mm import quick_start, registry  # noqa: E402
 from recbole_mm.config import Config  # noqa: E402
+
+compat.register_into_recbole(registry, Config, quick_start)
+
 from recbole_mm.quick_start import load_data_and_model, run, run_recbole  # noqa: E402
 from recbole_mm.registry import create_dataset, get_model, get_trainer  # noqa: E402
+from recbole_mm.utils import build_data_and_model  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Config", "run", "run_recbole", "load_data_and_model", "create_dataset", "get_model", "get_trainer"]
+__all__ = ["Config", "run", "run_recbole", "load_data_and_model", "build_data_and_model", "create_dataset",
+           "get_model", "get_trainer"]

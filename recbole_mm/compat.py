@@ -1,15 +1,17 @@
-"""The one place where recbole-mm adapts RecBole 1.2.1 to today's Python stack (SPEC §5).
+"""The one place where recbole-mm adapts RecBole 1.2.1 to today's Python stack (``docs/design.md`` §compatibility).
 
 RecBole 1.2.1 was written for NumPy 1, PyTorch < 2.6 and SciPy < 1.13. Each fix below names the
 breakage it prevents; ``tests/test_compat.py`` shows each failure without the fix. :func:`apply`
-runs every fix once; calling it again does nothing. Nothing else in the package patches RecBole
-(registration of our models is a separate, explicit step: :mod:`recbole_mm.registry`).
+runs every fix once; calling it again does nothing. Nothing else in the package changes RecBole's
+modules: registering our models into RecBole's entry points (:func:`register_into_recbole`) is
+the one other step, also here, called by ``import recbole_mm``.
 
 Version pins that need no code: ``pandas<3`` (RecBole's loaders use ``DataFrame`` behaviour
 that pandas 3 changed) and ``hyperopt==0.2.5`` (RecBole's exhaustive search uses hyperopt
 internals that 0.3 removed) are declared in ``setup.cfg``.
 """
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -21,8 +23,12 @@ import numpy as np
 _APPLIED = False
 
 #: NumPy 2 removed these aliases; RecBole's ``Config.compatibility_settings`` reads them on every
-#: ``Config(...)`` (``np.float = np.float_`` ...) and its metrics use ``np.float``.
-NUMPY_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}
+#: ``Config(...)`` (``np.float = np.float_`` ...) and its metrics use ``np.float``. The second line
+#: is what that method sets: a process that loads a checkpoint unpickles its Config instead of
+#: building one, so without them its first evaluation fails (``no attribute 'float'``).
+NUMPY_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_,
+                 "float": np.float64, "int": np.int_, "complex": np.complex128, "object": np.object_,
+                 "str": np.str_, "unicode": np.str_}
 
 #: RecBole modules that ``torch.load`` their own checkpoints (which pickle a ``Config``).
 #: (``load_data_and_model`` imports torch inside the function; recbole-mm's replacement, bound
@@ -214,32 +220,143 @@ def _rank0_local_time() -> str:
     return stamp[0]
 
 
-def _save_checkpoint_then_wait(save_checkpoint):
-    @functools.wraps(save_checkpoint)
-    def wrapper(self, *args, **kwargs):
-        save_checkpoint(self, *args, **kwargs)
-        if _distributed():
-            import torch.distributed as dist
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    """RecBole's ``Trainer._save_checkpoint`` plus what resuming needs to continue exactly
+    (:func:`resume_state`), then, under DDP, a barrier (see :func:`extend_checkpoints`)."""
+    import torch
+    from recbole.utils import set_color
 
-            dist.barrier()
+    if self.config["single_spec"] or self.config["local_rank"] == 0:
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {"config": self.config, "epoch": epoch, "cur_step": self.cur_step,
+                 "best_valid_score": self.best_valid_score, "state_dict": self.model.state_dict(),
+                 "other_parameter": self.model.other_parameter(), "optimizer": self.optimizer.state_dict(),
+                 RESUME_KEY: resume_state(self)}
+        torch.save(state, saved_model_file, pickle_protocol=4)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+    if _distributed():
+        import torch.distributed as dist
 
-    wrapper.__recbole_mm_synced__ = True
+        dist.barrier()
+
+
+#: the checkpoint entry holding :func:`resume_state`
+RESUME_KEY = "recbole_mm"
+
+
+def resume_state(trainer) -> dict:
+    """What RecBole's checkpoint lacks for a resumed run to equal an uninterrupted one: every
+    random generator (Python, NumPy, torch, CUDA, the training loader's shuffling generator,
+    which RecBole seeds once per loader), the scheduler's state when the trainer keeps one, the
+    best validation result (RecBole sets it only after saving), and a fingerprint of each
+    feature file."""
+    import random
+
+    import torch
+
+    from recbole_mm.data.features import feature_fingerprints
+
+    train_data = getattr(trainer, "_recbole_mm_train_data", None)
+    scheduler = getattr(trainer, "scheduler", None)
+    return {
+        "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "train_generator": train_data.generator.get_state() if hasattr(train_data, "generator") else None,
+        "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
+        "best_valid_result": getattr(trainer, "_recbole_mm_last_valid_result", None),
+        "feature_fingerprints": feature_fingerprints(trainer.config),
+    }
+
+
+def restore_resume_state(trainer, train_data, state: dict) -> None:
+    """Put :func:`resume_state` back, right before ``fit`` continues (scheduler state is left to
+    trainers that rebuild their schedule in ``fit``, as FindRec's does from AdamW's step counts)."""
+    import random
+
+    import torch
+
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["train_generator"] is not None and hasattr(train_data, "generator"):
+        train_data.generator.set_state(state["train_generator"])
+    scheduler = getattr(trainer, "scheduler", None)
+    if state["scheduler"] is not None and hasattr(scheduler, "load_state_dict"):
+        scheduler.load_state_dict(state["scheduler"])
+    trainer.best_valid_result = state["best_valid_result"]
+
+
+def _remembering_train_data(fit):
+    @functools.wraps(fit)
+    def wrapper(self, train_data, *args, **kwargs):
+        self._recbole_mm_train_data = train_data
+        return fit(self, train_data, *args, **kwargs)
+
+    wrapper.__recbole_mm_wrapped__ = True
     return wrapper
 
 
-def sync_ddp_checkpoints() -> None:
-    """Under DDP only rank 0 writes the checkpoint, but every rank loads it for the final test
-    (``evaluate(load_best_model=True)``). RecBole 1.2.1 (a) names the file after each rank's own
-    clock (``<Model>-<local time>.pth``), so ranks that built their trainer a second apart look
-    for a file that never exists, and (b) lets the other ranks read it while rank 0 may still be
-    writing it (``FileNotFoundError`` or a truncated pickle). Take rank 0's time stamp on every
-    rank, and let all ranks wait after each save (every rank calls ``_save_checkpoint`` at the
-    same point of ``fit``; ranks other than 0 return from it at once)."""
+def _remembering_valid_result(valid_epoch):
+    @functools.wraps(valid_epoch)
+    def wrapper(self, *args, **kwargs):
+        valid_score, valid_result = valid_epoch(self, *args, **kwargs)
+        self._recbole_mm_last_valid_result = valid_result
+        return valid_score, valid_result
+
+    return wrapper
+
+
+def extend_checkpoints() -> None:
+    """RecBole 1.2.1's checkpoints cannot resume a run exactly, and break under DDP:
+
+    * they hold model, optimizer and early-stopping state but no random generator states, so a
+      resumed run shuffles and samples differently from an uninterrupted one; the extra state of
+      :func:`resume_state` is saved beside RecBole's (the trainer remembers its training loader in
+      ``fit`` and the last validation result in ``_valid_epoch`` for it);
+    * under DDP only rank 0 writes the checkpoint, but every rank loads it for the final test
+      (``evaluate(load_best_model=True)``). RecBole (a) names the file after each rank's own
+      clock (``<Model>-<local time>.pth``), so ranks that built their trainer a second apart look
+      for a file that never exists, and (b) lets the other ranks read it while rank 0 may still be
+      writing it. Every rank takes rank 0's time stamp, and all ranks wait after each save."""
     import recbole.trainer.trainer as rb_trainer
 
     rb_trainer.get_local_time = _rank0_local_time
-    if not getattr(rb_trainer.Trainer._save_checkpoint, "__recbole_mm_synced__", False):
-        rb_trainer.Trainer._save_checkpoint = _save_checkpoint_then_wait(rb_trainer.Trainer._save_checkpoint)
+    trainer = rb_trainer.Trainer
+    trainer._save_checkpoint = _save_checkpoint
+    if not getattr(trainer.fit, "__recbole_mm_wrapped__", False):
+        trainer.fit = _remembering_train_data(trainer.fit)
+        trainer._valid_epoch = _remembering_valid_result(trainer._valid_epoch)
+
+
+_recbole_train_loss_output = None  # RecBole's own, kept by name_loss_terms
+
+
+def _named_train_loss_output(self, epoch_idx, s_time, e_time, losses):
+    """RecBole's epoch line, with the model's ``loss_names`` instead of ``train_loss1..N``."""
+    from recbole.utils import set_color
+
+    names = getattr(self.model, "loss_names", None)
+    if not isinstance(losses, tuple) or not names or len(names) != len(losses):
+        return _recbole_train_loss_output(self, epoch_idx, s_time, e_time, losses)
+    places = self.config["loss_decimal_place"] or 4
+    terms = ", ".join(set_color(name, "blue") + f": {loss:.{places}f}" for name, loss in zip(names, losses))
+    return (set_color("epoch %d training", "green") + " [" + set_color("time", "blue")
+            + ": %.2fs, ") % (epoch_idx, e_time - s_time) + terms + "]"
+
+
+def name_loss_terms() -> None:
+    """RecBole logs a model's tuple of losses as ``train_loss1: ..., train_loss2: ...``; a model
+    that names its terms (``loss_names = ("ce", "iicm")``, same order as ``calculate_loss``
+    returns them) gets them logged under those names. Models without it keep RecBole's line."""
+    import recbole.trainer.trainer as rb_trainer
+
+    global _recbole_train_loss_output
+    if rb_trainer.Trainer._generate_train_loss_output is not _named_train_loss_output:
+        _recbole_train_loss_output = rb_trainer.Trainer._generate_train_loss_output
+        rb_trainer.Trainer._generate_train_loss_output = _named_train_loss_output
 
 
 def disable_recbole_anomaly_detection() -> None:
@@ -254,6 +371,76 @@ def disable_recbole_anomaly_detection() -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
+#: FutureWarnings raised inside these packages on RecBole's behalf: RecBole 1.2.1 calls pandas and
+#: torch APIs that now warn about their future; nothing a user of recbole-mm can act on
+FOREIGN_WARNING_MODULES = r"(recbole|pandas|torch)(\..*)?$"
+
+
+def silence_foreign_warnings() -> None:
+    """Every run printed pandas/torch ``FutureWarning``s that only RecBole's code can act on;
+    ignore those raised from RecBole, pandas or torch frames (ours still show)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=FOREIGN_WARNING_MODULES)
+
+
+@contextlib.contextmanager
+def offered_dataset_class(model_name: str, cls):
+    """RecBole's ``create_dataset`` picks ``recbole.data.dataset.<Model>Dataset`` when it exists;
+    offer ``cls`` there for the duration of one call (keeps RecBole's saved-dataset logic)."""
+    import recbole.data.dataset as recbole_datasets
+
+    name = f"{model_name}Dataset"
+    previous = recbole_datasets.__dict__.get(name)
+    setattr(recbole_datasets, name, cls)
+    try:
+        yield
+    finally:
+        if previous is None:
+            delattr(recbole_datasets, name)
+        else:
+            setattr(recbole_datasets, name, previous)
+
+
+def register_into_recbole(registry, config_class, quick_start) -> None:
+    """Let RecBole's own entry points (``recbole.quick_start.run_recbole``, ``run``,
+    ``objective_function``, ``load_data_and_model``) run recbole-mm's models; called once by
+    ``import recbole_mm`` with :mod:`recbole_mm.registry`, our ``Config`` and our quick start
+    (passed in, so this module imports nothing of recbole-mm). It
+
+    1. exposes each model module of ``registry.MODELS`` under RecBole's model namespace
+       (``recbole.model.sequential_recommender.findrec``), where ``recbole.utils.get_model`` looks;
+    2. adds ``<Model>Dataset`` classes to ``recbole.data.dataset`` and ``<Model>Trainer`` classes
+       to ``recbole.trainer`` — RecBole's own per-model extension points;
+    3. binds ``Config``, ``create_dataset``, ``get_trainer``, ``run_recboles`` and
+       ``load_data_and_model`` in ``recbole.quick_start`` (and ``recbole.config.Config``) to
+       recbole-mm's, so RecBole's runs read our YAML defaults, find datasets through our search
+       order, load multimodal features, get the large-catalogue trainer hooks, and start DDP
+       workers that import recbole-mm. Idempotent."""
+    import recbole.config
+    import recbole.data.dataset as recbole_datasets
+    import recbole.quick_start
+    import recbole.trainer
+
+    rb_quick_start = sys.modules["recbole.quick_start.quick_start"]
+    for name in registry.MODELS:
+        cls = registry.get_model(name)
+        package = f"recbole.model.{registry.MODEL_PACKAGES[cls.type]}"
+        sys.modules[f"{package}.{name.lower()}"] = sys.modules[cls.__module__]
+        setattr(importlib.import_module(package), name, cls)
+        setattr(recbole_datasets, f"{name}Dataset", registry.DATASETS[cls.type])
+    for name in registry.TRAINERS:
+        setattr(recbole.trainer, f"{name}Trainer", registry.get_trainer(None, name))
+    recbole.config.Config = config_class
+    for module in (rb_quick_start, recbole.quick_start):
+        module.load_data_and_model = quick_start.load_data_and_model
+        module.run_recboles = quick_start.run_recboles
+    rb_quick_start.Config = config_class
+    rb_quick_start.create_dataset = registry.create_dataset
+    rb_quick_start.get_trainer = registry.get_trainer
+    logging.getLogger(__name__).debug(f"recbole-mm registered {list(registry.MODELS)} into RecBole")
+
+
 def apply() -> None:
     """Apply every fix, once. Safe to call repeatedly."""
     global _APPLIED
@@ -265,6 +452,8 @@ def apply() -> None:
     import_quick_start_without_ray()
     trust_recbole_checkpoints()
     adapt_ddp_wrapper()
-    sync_ddp_checkpoints()
+    extend_checkpoints()
+    name_loss_terms()
+    silence_foreign_warnings()
     _APPLIED = True
     logging.getLogger(__name__).debug("recbole-mm compat fixes applied")

@@ -1,4 +1,4 @@
-"""Each compat fix, with the failure it prevents (SPEC §5)."""
+"""Each compat fix, with the failure it prevents (docs/design.md §compatibility)."""
 
 import importlib
 import pickle
@@ -68,12 +68,58 @@ def test_dok_update_restored(monkeypatch):
     np.testing.assert_array_equal(a.toarray(), [[0, 1, 0], [0, 0, 0], [0, 0, 3]])
 
 
-def test_apply_is_idempotent():
-    qs = sys.modules["recbole.quick_start.quick_start"]
-    before = (qs.run_recbole, np.float_)
+def test_apply_applies_every_fix_once(monkeypatch):
+    import recbole.trainer.trainer as rb_trainer
+
+    def recbole_loss_line(self, *args):
+        return "RecBole's line"
+
+    monkeypatch.setattr(compat, "_APPLIED", False)  # as in a fresh process, before `import recbole_mm`
+    monkeypatch.delattr(np, "float_")
+    monkeypatch.delattr(sp.dok_matrix, "_update")
+    monkeypatch.setattr(rb_trainer, "torch", torch)
+    monkeypatch.setattr(rb_trainer, "DistributedDataParallel", torch.nn.parallel.DistributedDataParallel)
+    monkeypatch.setattr(rb_trainer.Trainer, "_save_checkpoint", rb_trainer.Trainer._save_checkpoint)
+    monkeypatch.setattr(rb_trainer.Trainer, "_generate_train_loss_output", recbole_loss_line)
+    monkeypatch.setattr(compat, "_recbole_train_loss_output", None)
     compat.apply()
-    compat.apply()
-    assert (qs.run_recbole, np.float_) == before
+    assert np.float_ is np.float64 and hasattr(sp.dok_matrix, "_update")
+    assert isinstance(rb_trainer.torch, compat._TrustedTorch)
+    assert rb_trainer.DistributedDataParallel is compat._recbole_ddp
+    assert rb_trainer.Trainer._save_checkpoint is compat._save_checkpoint
+    assert rb_trainer.Trainer._generate_train_loss_output is compat._named_train_loss_output
+    assert compat._recbole_train_loss_output is recbole_loss_line  # RecBole's own, for unnamed losses
+    monkeypatch.delattr(np, "float_")
+    compat.apply()  # the second call does nothing
+    assert not hasattr(np, "float_")
+
+
+def test_loss_terms_are_logged_by_name():
+    import types
+
+    from recbole.trainer import Trainer
+
+    trainer = types.SimpleNamespace(config={"loss_decimal_place": 3},
+                                    model=types.SimpleNamespace(loss_names=("ce", "iicm")))
+    line = Trainer._generate_train_loss_output(trainer, 0, 0.0, 1.5, (0.5, 0.25))
+    assert "ce" in line and "0.500" in line and "iicm" in line and "0.250" in line and "train_loss" not in line
+    trainer.model = types.SimpleNamespace()  # no loss_names: RecBole's own line
+    assert "train_loss2" in Trainer._generate_train_loss_output(trainer, 0, 0.0, 1.5, (0.5, 0.25))
+
+
+def test_registry_changes_nothing_in_recbole():
+    import ast
+    from pathlib import Path
+
+    from recbole_mm import registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    assigned = [node for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign))
+                for target in getattr(node, "targets", [getattr(node, "target", None)])
+                if isinstance(target, (ast.Attribute, ast.Subscript))]
+    calls = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr")]
+    assert not assigned and not calls, "only recbole_mm.compat changes RecBole's modules"
 
 
 def test_pinned_versions_recbole_needs():

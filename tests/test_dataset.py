@@ -1,5 +1,5 @@
 """Multimodal dataset classes: alignment of feature rows to item ids, masks, splits, and the
-documented error for every bad input (SPEC §2)."""
+documented error for every bad input (docs/design.md §data)."""
 
 import numpy as np
 import pytest
@@ -183,3 +183,25 @@ def test_mask_file_marks_items_without_features(broken):
     np.save(folder / "image_mask.npy", mask.astype(np.int8))
     with pytest.raises(FeatureFileError, match=r"image_mask.npy: expected a bool array of shape \(120,\)"):
         build("BPR", "bad", root)
+
+
+def test_dataset_view_links_the_source_files_under_its_own_name(tmp_path):
+    from recbole_mm.data.locate import dataset_view
+
+    make_planted_dataset(tmp_path / "src", name="planted")
+    source = tmp_path / "src" / "planted"
+    view = dataset_view("planted-7", source, "planted", tmp_path / "cache")
+    assert sorted(p.name for p in view.iterdir()) == ["image_feat.npy", "planted-7.inter", "planted-7.item",
+                                                      "text_feat.npy"]
+    assert (view / "planted-7.inter").resolve() == (source / "planted.inter").resolve()
+    assert dataset_view("planted-7", source, "planted", tmp_path / "cache") == view  # again: unchanged
+
+
+def test_the_findrec_papers_beauty_is_one_dataset_name():
+    # FindRec's Table 1 "Amazon Beauty": 4,323 users, 2,424 items, 60,276 interactions (RecBole
+    # counts the padding id in user_num / item_num)
+    shared_dataset("amazon-beauty")
+    config = Config(model="SASRec", dataset="amazon-beauty-paper", config_dict={"state": "WARNING"})
+    assert config["view_of"] == "amazon-beauty" and config["modalities"] == ["title", "attr"]
+    dataset = create_dataset(config)
+    assert (dataset.user_num, dataset.item_num, dataset.inter_num) == (4323, 2424, 60276)

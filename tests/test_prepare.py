@@ -331,3 +331,37 @@ def test_stats_of_a_dataset_and_of_a_broken_one(tmp_path, capsys):
     np.save(folder / "image_mask.npy", mask[:-1])
     code, out = run_cli(capsys, "stats", folder)
     assert code == 2 and "image_mask.npy: expected a bool array of shape (12,)" in out.err
+
+
+def test_import_refuses_to_overwrite_its_own_source(tmp_path, capsys):
+    src = tmp_path / "amazon-toy"
+    src.mkdir()
+    (src / "amazon-toy.inter").write_text("user_id:token\titem_id:token\nu1\ta\n")
+    (src / "amazon-toy.item").write_text("item_id:token\na\n")
+    np.save(src / "title_feat.npy", np.zeros((1, 2), dtype=np.float32))
+    code, out = run_cli(capsys, "amazon", src, "--out", tmp_path, "--force")
+    assert code == 2 and f"the output {src} would replace the source {src}" in out.err
+    assert (src / "title_feat.npy").is_file()  # the source is untouched
+    code, out = run_cli(capsys, "mmrec", src, "--out", tmp_path.parent, "--name", tmp_path.name, "--force")
+    assert code == 2 and "would replace the source" in out.err
+
+
+def test_new_dataset_folder_keeps_the_users_umask(mmrec, tmp_path, capsys):
+    import os
+
+    src = mmrec[0]
+    old = os.umask(0o022)
+    try:
+        code, out = run_cli(capsys, "mmrec", src, "--out", tmp_path / "data")
+    finally:
+        os.umask(old)
+    assert code == 0, out.err
+    assert (tmp_path / "data" / "toy").stat().st_mode & 0o777 == 0o755
+
+
+def test_stats_accepts_a_dataset_name(tmp_path, capsys, monkeypatch):
+    make_planted_dataset(tmp_path / "root", name="named", n_users=10, n_items=12, n_clusters=3, seq_len=4)
+    monkeypatch.setenv("RECBOLE_MM_DATA", str(tmp_path / "root"))  # not a folder of the working directory
+    code, out = run_cli(capsys, "stats", "named", "--json")
+    assert code == 0, out.err
+    assert json.loads(out.out)["users"] == 10

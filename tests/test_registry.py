@@ -19,7 +19,7 @@ def test_own_models_first_then_recbole():
 
     assert registry.get_model("SASRec") is SASRec
     assert registry.get_model("MambaRec").__module__ == "recbole_mm.model.general_recommender.mambarec"
-    with pytest.raises(ValueError, match=r"\[NoSuchModel\] is not the name of an existing model"):
+    with pytest.raises(ValueError, match=r"unknown model 'NoSuchModel'"):
         registry.get_model("NoSuchModel")
 
 

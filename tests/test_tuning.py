@@ -1,4 +1,4 @@
-"""Hyperparameter search (recbole_mm.trainer.hyper_tuning, run_hyper.py): hyperopt's exhaustive
+"""Hyperparameter search (recbole_mm.quick_start.tuning, run_hyper.py): hyperopt's exhaustive
 and TPE searches and Ray Tune, on the planted dataset with tiny models."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY
 from recbole_mm.quick_start.hyper import main as run_hyper
-from recbole_mm.trainer.hyper_tuning import hyperopt_tune, ray_tune
+from recbole_mm.quick_start.tuning import hyperopt_tune, ray_tune
 
 SPLIT = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"}
 #: per model: fixed settings for a fast trial, and a two-point search
@@ -74,6 +74,15 @@ def test_cli_refuses_to_fix_a_searched_parameter(tmp_path):
     params_file.write_text("learning_rate choice [0.1,0.01]\n")
     with pytest.raises(SystemExit, match="learning_rate"):
         run_hyper(["--model=BPR", f"--params_file={params_file}", "--learning_rate=0.5"])
+
+
+def test_cli_refuses_an_unknown_fixed_key(tmp_path):
+    params_file = tmp_path / "p.hyper"
+    params_file.write_text("learning_rate choice [0.1,0.01]\n")
+    with pytest.raises(SystemExit, match=r"unknown key --epochz; did you mean --epochs"):
+        run_hyper(["--model=BPR", "--dataset=ml-100k", f"--params_file={params_file}", "--epochz=2"])
+    with pytest.raises(SystemExit, match=r"'--epochs 2': write --epochs=2"):
+        run_hyper(["--model=BPR", "--dataset=ml-100k", f"--params_file={params_file}", "--epochs", "2"])
 
 
 def test_ray_tune_runs_the_params_file_as_trials(small_planted, tmp_path):

@@ -10,7 +10,7 @@ registry and RecBole's trainer and full-ranking evaluator; finished runs go to
 command skips them (:mod:`~recbole_mm.benchmark.store`). The plan comes from ``--models`` or a
 suite file (:mod:`~recbole_mm.benchmark.plan`); :mod:`~recbole_mm.benchmark.report` writes
 ``<out>/<suite>.md`` (mean ± std, significance against a reference, the paper's numbers) and
-PNG plots; :mod:`~recbole_mm.benchmark.quick` is the seconds-long ``--quick`` mode.
+PNG plots; :mod:`~recbole_mm.benchmark.quick` is the ``--quick`` smoke test of the harness.
 
 Runs are forked from a ``multiprocessing`` forkserver, which re-imports the calling program's
 main module: call :func:`main` from a script only under ``if __name__ == "__main__":``.

@@ -14,6 +14,8 @@ from recbole_mm.benchmark.plan import BASE_SEED, Entry, Run, Suite, load_suite, 
 from recbole_mm.benchmark.quick import QUICK_CONFIG, first_users_slice
 from recbole_mm.benchmark.report import summarise
 from recbole_mm.benchmark.store import append_row, finished_keys
+from recbole_mm.config.validate import check_cli_overrides, known_keys
+from recbole_mm.registry import resolve_model_name
 from recbole_mm.data.locate import find_dataset
 
 def parse_args(argv):
@@ -30,20 +32,34 @@ def parse_args(argv):
     parser.add_argument("--config_files", help="RecBole config files for every run (space separated)")
     parser.add_argument("--reference", help="label the others are tested against (default: the first)")
     parser.add_argument("--out", help="output folder (default: benchmarks/out/<dataset>/, with --quick .../quick/)")
-    parser.add_argument("--quick", action="store_true", help="tiny models, 1 epoch, the first --quick_users users")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test of the harness, not of the models: tiny models, 1 epoch, the first "
+                             "--quick_users users, 1 seed unless --seeds; its metrics mean nothing")
     parser.add_argument("--quick_users", type=int, default=200, help="users kept by --quick (default 200)")
     parser.add_argument("--verbose", action="store_true", help="show RecBole's logs instead of writing them to <out>/logs/")
     parser.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
                         help="run only the K-th of every N planned runs; N such processes with the same "
                              "--out share the work (one per core or machine) and one results.csv")
     args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: config overrides are written --key=value")
     if args.models and not args.dataset:
         parser.error("--models needs --dataset")
-    args.overrides = dict(a[2:].split("=", 1) for a in rest)  # strings: RecBole's Config converts them
+    try:  # strings: RecBole's Config converts them
+        args.overrides = check_overrides(rest, args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def check_overrides(rest: List[str], args) -> Dict[str, str]:
+    """``--key=value`` settings for every run: each key must be known for at least one of the
+    benchmarked models (:func:`recbole_mm.config.validate.check_cli_overrides`)."""
+    if args.models:
+        models, dataset = [resolve_model_name(m) for m in args.models], args.dataset
+    else:
+        suite = load_suite(args.suite)
+        models, dataset = [e.model for e in suite.entries], args.dataset or suite.dataset
+    allowed = set().union(*(known_keys(m, dataset) for m in models))
+    return check_cli_overrides(rest, models[0], dataset, allowed)
 
 
 def _shard(text: str):
@@ -66,11 +82,11 @@ def make_suite(args) -> Suite:
     files = args.config_files.split() if args.config_files else []
     if args.models:
         return Suite(name="quick" if args.quick else "benchmark", dataset=args.dataset,
-                     entries=[Entry(m, m) for m in args.models], seeds=args.seeds or 3, reference=args.reference,
+                     entries=[Entry(m, m) for m in args.models], seeds=args.seeds or (1 if args.quick else 3), reference=args.reference,
                      config_files=[str(Path(f).resolve()) for f in files])
     suite = load_suite(args.suite)
     suite = dataclasses.replace(  # re-validates the reference
-        suite, dataset=args.dataset or suite.dataset, seeds=args.seeds or suite.seeds,
+        suite, dataset=args.dataset or suite.dataset, seeds=args.seeds or (1 if args.quick else suite.seeds),
         reference=args.reference or suite.reference,
         config_files=suite.config_files + [str(Path(f).resolve()) for f in files])
     if not suite.dataset:

@@ -38,7 +38,7 @@ from recbole.utils import init_logger
 
 import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
 from recbole_mm.benchmark.plan import Run, build_config, config_hash
-from recbole_mm.quick_start.quick_start import build_data_and_model
+from recbole_mm.utils import build_data_and_model
 from recbole_mm.registry import get_trainer
 
 

@@ -1,9 +1,10 @@
 """Multimodal datasets: RecBole's ``Dataset`` / ``SequentialDataset`` plus per-item features.
 
-Format (SPEC §2): next to ``<ds>.inter`` / ``<ds>.item`` lies one ``<m>_feat.npy`` per modality
-``m`` of the config's ``modalities``, shaped ``(rows of .item, dim)``; row ``r`` belongs to the
-``r``-th data row of ``.item``. After RecBole has filtered and remapped the data, rows are moved
-to RecBole's internal item ids (``field2id_token``), so every model indexes features by item id:
+Format (``docs/design.md`` §data): next to ``<ds>.inter`` / ``<ds>.item`` lies one
+``<m>_feat.npy`` per modality ``m`` of the config's ``modalities``, shaped ``(rows of .item,
+dim)``; row ``r`` belongs to the ``r``-th data row of ``.item``. After RecBole has filtered and
+remapped the data, rows are moved to RecBole's internal item ids (``field2id_token``), so every
+model indexes features by item id:
 
 * ``dataset.item_features[m]`` — ``float32 [item_num, dim]``, row 0 (padding) all zeros;
 * ``dataset.item_feature_mask[m]`` — ``bool [item_num]``, False for padding, for items that
@@ -20,14 +21,19 @@ modalities computed from ``.item`` text, see :mod:`recbole_mm.data.features`), a
 ``split_label_field`` (e.g. ``x_label``: use the file's own 0/1/2 = train/valid/test split).
 """
 
+import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from recbole.data.dataset import Dataset, SequentialDataset
+from recbole.utils import ModelType
 
-from recbole_mm.data.features import DEFAULT_TEXT_ENCODER, cached_text_features, read_atomic_columns
+from recbole_mm.data import cold_start
+from recbole_mm.data.features import (DEFAULT_TEXT_ENCODER, cached_text_features, locate_feature_file,
+                                      read_atomic_columns, read_npy)
 from recbole_mm.data.locate import cache_dir
 
 
@@ -74,6 +80,9 @@ def check_feature_array(feat, path, n_rows: int, item_file_name: str, modality: 
     if expected_dim is not None and feat.shape[1] != int(expected_dim):
         raise FeatureFileError(
             f"{path}: modality_dims says '{modality}' is {expected_dim}-d but the file has {feat.shape[1]} columns")
+    if not np.issubdtype(feat.dtype, np.floating):
+        logging.getLogger(__name__).warning(f"{path}: {feat.dtype} features, read as float32 (features are "
+                                            "usually float; check that this is the file you meant)")
     feat = np.asarray(feat, dtype=np.float32)
     bad = ~np.isfinite(feat).all(axis=1)
     if bad.any():
@@ -89,6 +98,54 @@ def check_feature_mask(mask, path, n_rows: int, item_file_name: str) -> np.ndarr
         raise FeatureFileError(f"{path}: expected a bool array of shape ({n_rows},) — one entry per data row "
                                f"of {item_file_name} — but found {mask.dtype} {mask.shape}")
     return np.asarray(mask)
+
+
+def load_npy(path, mmap: bool = True) -> np.ndarray:
+    """A feature or mask file, any unreadable one a :class:`FeatureFileError` naming it."""
+    try:
+        return read_npy(path, mmap)
+    except ValueError as err:
+        raise FeatureFileError(str(err)) from None
+
+
+def check_interaction_file(config) -> None:
+    """Problems in ``<ds>.inter`` that RecBole reports late or not at all, named with the file
+    and line: no data rows (RecBole: "Some feat is empty"), a row with more fields than the
+    header (RecBole drops the extra ones silently), a sequential model without the time column
+    (RecBole fails after loading), a non-numeric value in a ``float`` time column (RecBole names
+    neither file nor row)."""
+    path = Path(config["data_path"]) / f"{config['dataset']}.inter"
+    if config["benchmark_filename"] or not path.is_file():
+        return  # pre-split files, or RecBole's own "not found" message
+    sep = config["field_separator"] or "\t"
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n\r").split(sep)
+        rows = 0
+        for line_no, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            rows += 1
+            if line.count(sep) >= len(header):
+                raise FeatureFileError(f"{path}, line {line_no}: {line.count(sep) + 1} fields but the header has "
+                                       f"{len(header)} ({header})")
+    if rows == 0:
+        raise FeatureFileError(f"{path}: a header and no interactions")
+    names = [h.split(":")[0] for h in header]
+    time_field = config["TIME_FIELD"]
+    load_col = (config["load_col"] or {}).get("inter") if isinstance(config["load_col"], dict) else None
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and time_field and (
+            time_field not in names or (load_col is not None and time_field not in load_col)):
+        where = f"the header has {names}" if time_field not in names else f"load_col's inter list is {load_col}"
+        raise FeatureFileError(f"{path}: {config['model']} is sequential and orders each user's interactions by "
+                               f"TIME_FIELD '{time_field}', but {where}")
+    if time_field in names and header[names.index(time_field)].endswith(":float"):
+        column = pd.read_csv(path, sep=sep, usecols=[names.index(time_field)], dtype=str, keep_default_na=False,
+                             quoting=csv.QUOTE_NONE, skip_blank_lines=True, encoding="utf-8").iloc[:, 0]
+        bad = pd.to_numeric(column, errors="coerce").isna() & (column != "")
+        if bad.any():
+            first = int(np.argmax(bad.to_numpy()))
+            raise FeatureFileError(f"{path}, data row {first + 1}: {time_field} is {column.iloc[first]!r}, not a "
+                                   f"number ({int(bad.sum())} such rows)")
 
 
 def check_split_labels(label_field: str, values) -> None:
@@ -110,6 +167,12 @@ class MultimodalMixin:
         self.item_features, self.item_feature_mask = {}, {}
         for modality in self.modalities:
             self.item_features[modality], self.item_feature_mask[modality] = self._load_modality(modality)
+
+    @property
+    def cache_dir(self) -> Path:
+        """A writable folder for files derived from this dataset (models cache their kNN item
+        graphs here), as :func:`recbole_mm.data.locate.cache_dir` places it."""
+        return cache_dir(self.config)
 
     # ----------------------------------------------------------------- file access
     @property
@@ -135,17 +198,15 @@ class MultimodalMixin:
 
     def _feature_file(self, modality: str) -> Path:
         name = f"{modality}_feat.npy"
-        shipped = Path(self.dataset_path) / name
-        if shipped.is_file():
-            return shipped
-        cached = cache_dir(self.config) / name
+        shipped, cached = Path(self.dataset_path) / name, self.cache_dir / name
         recipes = self.config["text_features"] or {}
-        if modality in recipes:
+        if modality in recipes and not shipped.is_file():
             return cached_text_features(self._item_file, recipes[modality], cached,
                                         self.config["text_encoder"] or DEFAULT_TEXT_ENCODER,
                                         self.config["field_separator"])
-        if cached.is_file():
-            return cached
+        found = locate_feature_file(self.config, modality)
+        if found is not None:
+            return found
         raise FeatureFileError(
             f"modality '{modality}' is in the config's modalities but there is no {name}: looked for "
             f"{shipped} and {cached}. Provide the file (row r = r-th row of {self._item_file.name}), "
@@ -155,7 +216,7 @@ class MultimodalMixin:
     def _load_modality(self, modality: str):
         path = self._feature_file(modality)
         expected_dim = (self.config["modality_dims"] or {}).get(modality)
-        feat = check_feature_array(np.load(path, mmap_mode="r"), path, len(self._item_rows), self._item_file.name,
+        feat = check_feature_array(load_npy(path), path, len(self._item_rows), self._item_file.name,
                                    modality, expected_dim)
 
         tokens = self.field2id_token[self.iid_field]
@@ -163,7 +224,8 @@ class MultimodalMixin:
         has_row = rows >= 0
         mask_file = path.with_name(f"{modality}_mask.npy")
         if mask_file.is_file():  # written by `prepare images` for items without an image
-            present = check_feature_mask(np.load(mask_file), mask_file, len(self._item_rows), self._item_file.name)
+            present = check_feature_mask(load_npy(mask_file, mmap=False), mask_file, len(self._item_rows),
+                                         self._item_file.name)
             has_row[has_row] = present[rows[has_row]]
         out = torch.zeros(len(tokens), feat.shape[1], dtype=torch.float32)
         out[1:][torch.from_numpy(has_row)] = torch.from_numpy(feat[rows[has_row]])
@@ -175,6 +237,9 @@ class MultimodalMixin:
 
     # ----------------------------------------------------------------- splitting
     def build(self):
+        return cold_start.hold_out(self, self._split())
+
+    def _split(self):
         label_field = self.config["split_label_field"]
         if not label_field:
             return super().build()

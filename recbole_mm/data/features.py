@@ -16,12 +16,13 @@ changed one is.
 """
 
 import csv
+import functools
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -107,3 +108,92 @@ def cached_text_features(item_file: Path, fields: Sequence[str], out_file: Path,
     os.replace(tmp, out_file)
     meta_file.write_text(json.dumps(meta, indent=1))
     return out_file
+
+
+# ----------------------------------------------------------------- feature files
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """``np.load`` of a ``.npy`` feature or mask file, every failure a ``ValueError`` naming the
+    file: not a ``.npy`` file at all (text, pickle, ``.npz``), an object array (it would need
+    pickle, which is never allowed), or fewer bytes than its header promises (a truncated copy)."""
+    path = Path(path)
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        magic = f.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:
+            raise ValueError(f"{path}: not a .npy file (it starts with {magic!r}, not {NPY_MAGIC!r}); "
+                             "write it with numpy.save")
+        f.seek(0)
+        try:
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as err:
+            raise ValueError(f"{path}: unreadable .npy header ({err})") from None
+        data_start = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: holds an object array ({dtype}); features must be a numeric array")
+    expected = data_start + int(np.prod(shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise ValueError(f"{path}: truncated: its header promises {shape} {dtype} ({expected} bytes) but the "
+                         f"file has {size} bytes")
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def locate_feature_file(config, modality: str) -> Optional[Path]:
+    """``<m>_feat.npy`` of the dataset folder, else of the dataset's cache folder; ``None`` if
+    neither exists (the dataset may then compute it from a ``text_features`` recipe)."""
+    from recbole_mm.data.locate import cache_root
+
+    name = f"{modality}_feat.npy"
+    for folder in (Path(config["data_path"]), cache_root(config) / config["dataset"]):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> Dict[str, object]:
+    """``{"size", "sha256"}`` of a file (hashed once per size and modification time)."""
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+
+
+def feature_fingerprints(config) -> Dict[str, Dict[str, object]]:
+    """Fingerprint of every feature (and mask) file the config's ``modalities`` read, by path."""
+    prints = {}
+    for modality in config["modalities"] or []:
+        path = locate_feature_file(config, modality)
+        if path is None:
+            continue
+        for file in (path, path.with_name(f"{modality}_mask.npy")):
+            if file.is_file():
+                prints[str(file)] = file_fingerprint(file)
+    return prints
+
+
+def changed_feature_files(saved: Dict[str, Dict[str, object]], current: Dict[str, Dict[str, object]]) -> List[str]:
+    """Messages, one per feature file that differs between a checkpoint's fingerprints
+    (``saved``) and today's files (``current``)."""
+    changes = []
+    for path, before in saved.items():
+        now = current.get(path)
+        if now is None:
+            changes.append(f"{path}: read when the checkpoint was saved, absent now")
+        elif now != before:
+            changes.append(f"{path}: changed since the checkpoint was saved ({before['size']} -> {now['size']} "
+                           f"bytes, sha256 {before['sha256'][:12]} -> {now['sha256'][:12]})")
+    changes += [f"{path}: not read when the checkpoint was saved" for path in current if path not in saved]
+    return changes

@@ -9,6 +9,12 @@ Search order for a dataset ``<ds>`` (the first folder holding ``<ds>/<ds>.inter`
 5. ``../shared/data/`` next to the working directory or next to the recbole-mm checkout;
 6. for ``ml-100k`` only: the copy inside RecBole's wheel (no download needed).
 
+A dataset *view* is another dataset seen through settings: its ``properties/dataset/<ds>.yaml``
+names the source with ``view_of: <source>`` and adds what makes it different (e.g. RecBole's
+``user_inter_num_interval`` filters). Its folder is made in the cache by :func:`dataset_view`:
+links named ``<ds>.inter``, ``<ds>.item``, ... to the source's files, and the feature files
+linked as they are, so nothing is copied.
+
 Derived files (text features computed from ``.item``, kNN graphs) go to a writable cache folder
 ``<cache root>/<ds>/``; the cache root is ``feature_cache_dir`` if set, else ``RECBOLE_MM_DATA``,
 else ``dataset/`` in the working directory. ``dataset/`` is git-ignored.
@@ -78,4 +84,23 @@ def cache_dir(config) -> Path:
     """A writable folder for files derived from ``config['dataset']`` (created if needed)."""
     folder = cache_root(config) / config["dataset"]
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def dataset_view(dataset: str, source_folder: Path, source: str, root: Path) -> Path:
+    """``<root>/<dataset>/`` holding links to ``source_folder``'s files, renamed from ``<source>.*``
+    to ``<dataset>.*`` (RecBole reads ``<dataset>.inter``); other files keep their names."""
+    folder = root / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in sorted(source_folder.iterdir()):
+        if not file.is_file():
+            continue
+        name = dataset + file.name[len(source):] if file.name.startswith(source + ".") else file.name
+        link = folder / name
+        if link.is_symlink() and link.resolve() == file.resolve():
+            continue
+        tmp = folder / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(file.resolve())
+        os.replace(tmp, link)  # atomic: a concurrent run never sees a missing file
     return folder

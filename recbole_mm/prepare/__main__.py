@@ -8,7 +8,8 @@ from typing import List, Optional
 
 from recbole_mm.data.dataset import check_feature_array, unique_item_index
 from recbole_mm.data.features import DEFAULT_TEXT_ENCODER, cached_text_features, read_atomic_columns
-from recbole_mm.prepare.atomic import refuse_existing, replace_files
+from recbole_mm.data.locate import find_dataset
+from recbole_mm.prepare.atomic import refuse_existing, refuse_overwriting_source, replace_files
 from recbole_mm.prepare.images import (NORMALIZATION, encode_item_images, find_images,
                                        load_image_encoder)
 from recbole_mm.prepare.importers import read_amazon, read_mmrec
@@ -24,6 +25,7 @@ def _item_tokens(dataset: Path):
 
 
 def cmd_mmrec(args) -> None:
+    refuse_overwriting_source(args.out / (args.name or args.src.name), args.src)
     tables = read_mmrec(args.src, args.name or args.src.name)
     target = args.out / tables.name
     write_tables(tables, target, args.force)
@@ -31,6 +33,7 @@ def cmd_mmrec(args) -> None:
 
 
 def cmd_amazon(args) -> None:
+    refuse_overwriting_source(args.out / (args.name or args.src.name), args.src)
     tables, undescribed = read_amazon(args.src, args.name or args.src.name, args.user_k, args.item_k)
     target = args.out / tables.name
     write_tables(tables, target, args.force)
@@ -68,8 +71,9 @@ def cmd_images(args) -> None:
 
 
 def cmd_stats(args) -> None:
-    tables = load_tables(args.dataset)
-    check_tables(tables, args.dataset, args.missing_tolerance)
+    folder = args.dataset if args.dataset.is_dir() else find_dataset(str(args.dataset))
+    tables = load_tables(folder)
+    check_tables(tables, folder, args.missing_tolerance)
     stats = dataset_stats(tables)
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
 
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_images)
 
     p = sub.add_parser("stats", help="check a dataset folder and print its statistics")
-    p.add_argument("dataset", type=Path, help="dataset folder <ds>/")
+    p.add_argument("dataset", type=Path, help="dataset folder <ds>/, or a dataset name looked up as --dataset is")
     p.add_argument("--missing-tolerance", type=float, default=0.0,
                    help="share of .inter items allowed without a .item row (the loader's feature_missing_tolerance)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")

@@ -37,6 +37,21 @@ def refuse_existing(path: Path, force: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --force to replace it")
 
 
+def refuse_overwriting_source(target: Path, source: Path) -> None:
+    """An importer must not write its dataset over the folder it reads: replacing ``target`` would
+    delete ``source`` (or the folder holding it) once the new folder is renamed into place."""
+    target, source = Path(target).resolve(), Path(source).resolve()
+    if source == target or target in source.parents:
+        raise ValueError(f"the output {target} would replace the source {source}; choose another --out or --name")
+
+
+def user_mode(mode: int = 0o777) -> int:
+    """``mode`` restricted by the process's umask, as ``mkdir`` would create it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def staged_folder(target: Path, force: bool) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``target`` to write into. When the block ends normally
@@ -46,6 +61,7 @@ def staged_folder(target: Path, force: bool) -> Iterator[Path]:
     refuse_existing(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    stage.chmod(user_mode())  # mkdtemp's 0700 would become the dataset folder's mode
     try:
         yield stage
         if target.exists():

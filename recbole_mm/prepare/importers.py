@@ -1,4 +1,4 @@
-"""Conversions into our format (SPEC §2): MMRec datasets, and RecBole's Amazon atomic files."""
+"""Conversions into our format (docs/design.md §data): MMRec datasets, and RecBole's Amazon atomic files."""
 
 from pathlib import Path
 from typing import Tuple

@@ -10,13 +10,17 @@ RecBole's flags (``--config_files``, ``--params_file``, ``--output_file``, ``--d
 the exhaustive search, which runs the whole grid), ``--early_stop`` (hyperopt: stop after that
 many trials without progress), ``--search_seed`` (the search's own seed; RecBole's ``seed`` still
 seeds each trial's training), ``--ray_address``, ``--cpus_per_trial``, ``--gpus_per_trial``. Any
-other ``--key=value`` is a fixed setting of every trial; it may not name a searched parameter.
+other ``--key=value`` is a fixed setting of every trial; it may not name a searched parameter, and
+(with ``--model`` and ``--dataset`` given) it must be a known key (``--free.KEY=value`` otherwise,
+see :mod:`recbole_mm.config.validate`).
 """
 
 import argparse
 import sys
 
-from recbole_mm.trainer.hyper_tuning import ALGOS, hyperopt_tune, ray_tune, read_params_file
+from recbole_mm.config.validate import check_cli_overrides
+from recbole_mm.quick_start.tuning import ALGOS, hyperopt_tune, ray_tune, read_params_file
+from recbole_mm.registry import resolve_model_name
 
 
 def build_parser():
@@ -43,11 +47,14 @@ def fixed_settings(args, extra):
     ``Config`` converts the strings). A key also searched in the params file is an error:
     RecBole's command-line layer outranks ``config_dict`` and would pin it in every trial."""
     fixed = {k: v for k, v in (("model", args.model), ("dataset", args.dataset)) if v}
-    for arg in extra:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"run_hyper.py: unrecognised argument {arg!r} (use --key=value)")
-        key, value = arg[2:].split("=", 1)
-        fixed[key] = value
+    try:
+        if args.model:
+            fixed["model"] = resolve_model_name(args.model)
+        # with the model or dataset only in a config file, only the form --key=value is checked
+        known_for = (fixed["model"], args.dataset) if args.model and args.dataset else (None, None)
+        fixed.update(check_cli_overrides(extra, *known_for))
+    except ValueError as err:
+        raise SystemExit(f"run_hyper.py: {err}") from None
     searched = {name for name, _, _ in read_params_file(args.params_file)}
     clash = sorted(searched & set(fixed))
     if clash:

@@ -25,8 +25,8 @@ from recbole.trainer.hyper_tuning import HyperTuning as RecBoleHyperTuning
 from recbole.utils import init_logger
 
 from recbole_mm.config import Config
-from recbole_mm.quick_start.quick_start import build_data_and_model
 from recbole_mm.registry import get_trainer
+from recbole_mm.utils import build_data_and_model, plain
 
 ALGOS = ("exhaustive", "random", "bayes")
 
@@ -65,20 +65,9 @@ class FixedObjective:
         return objective_function({**self.fixed_config, **params}, config_file_list, callback_fn=callback_fn)
 
 
-def _plain(value):
-    """JSON-ready copy: numpy scalars and OrderedDicts of metrics become floats and dicts."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def write_result(output_file, trials, best, **header):
     """Write ``{**header, "trials": [...], "best": {...}}`` as JSON; returns the dict."""
-    result = _plain({**header, "trials": trials, "best": best})
+    result = plain({**header, "trials": trials, "best": best})
     with open(output_file, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -190,8 +179,8 @@ class RayTrial:
 
         result = self.objective(params, self.config_file_list, callback_fn=report)
         session.report({"valid_score": float(result["best_valid_score"]), "completed": True,
-                        "best_valid_result": _plain(result["best_valid_result"]),
-                        "test_result": _plain(result["test_result"])})
+                        "best_valid_result": plain(result["best_valid_result"]),
+                        "test_result": plain(result["test_result"])})
 
 
 def _absolute(path):
@@ -252,7 +241,7 @@ def ray_tune(fixed_config, params_file, config_file_list=None, algo="exhaustive"
     header = dict(tool="ray", algo=algo, model=config["model"], dataset=config["dataset"], seed=seed)
     if output_file:
         return write_result(output_file, trials, best, **header)
-    return _plain({**header, "trials": trials, "best": best})
+    return plain({**header, "trials": trials, "best": best})
 
 
 def _ray_runtime_env(local):
