@@ -1,0 +1,100 @@
+"""Cross-entropy over a large catalogue without the ``[batch, n_items]`` logits (issue 17).
+
+RecBole's sequential models with ``loss_type: CE`` compute ``logits = seq_output @ E.T`` over all
+items; at a million items and batch 2048 those logits (and their gradient) take 8 GB each.
+:func:`chunked_cross_entropy` gives the same loss and the same gradients (up to float rounding)
+from ``eval``-sized slices of the item table: the forward pass keeps a running log-sum-exp per
+row, the backward pass recomputes each slice's softmax. Peak memory is ``batch x ce_item_chunk``
+floats instead of ``batch x n_items``; it costs a second matrix product per slice in backward.
+
+:class:`ChunkedCEMixin` (trainer side, config key ``ce_item_chunk``: items per slice, ``~`` = off)
+swaps it in for a model whose loss is exactly that cross-entropy: a model with the
+``sequence_output`` form of :mod:`recbole_mm.evaluation.scorers` (``forward(item_seq,
+item_seq_len)`` and ``item_embedding``), checked at the start of ``fit`` against the model's own
+``calculate_loss`` on two training sequences. A model whose loss has more terms (FindRec's IICM)
+fails the check and keeps its own loss, with a warning. No accuracy is traded: it is the exact
+loss (sampled softmax, which would trade it, is not offered).
+"""
+
+import torch
+from recbole.utils import ModelType
+
+#: sequences of the first training batch on which the swap is checked
+CHECK_ROWS = 2
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, table, target, chunk):
+        lse = torch.full((hidden.shape[0],), -torch.inf, dtype=hidden.dtype, device=hidden.device)
+        for lo in range(0, table.shape[0], chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(hidden @ table[lo:lo + chunk].T, dim=1))
+        target_logit = (hidden * table[target]).sum(1)
+        ctx.save_for_backward(hidden, table, target, lse)
+        ctx.chunk = chunk
+        return (lse - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, table, target, lse = ctx.saved_tensors
+        scale = grad / hidden.shape[0]
+        grad_hidden = -table[target]
+        grad_table = torch.zeros_like(table)
+        grad_table.index_add_(0, target, -hidden)
+        for lo in range(0, table.shape[0], ctx.chunk):
+            part = table[lo:lo + ctx.chunk]
+            prob = torch.exp(hidden @ part.T - lse.unsqueeze(1))  # softmax restricted to the slice
+            grad_hidden = grad_hidden + prob @ part
+            grad_table[lo:lo + ctx.chunk] += prob.T @ hidden
+        return grad_hidden * scale, grad_table * scale, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int):
+    """``F.cross_entropy(hidden @ table.T, target)`` (mean) computed ``chunk`` items at a time."""
+    return _ChunkedCE.apply(hidden, table, target, int(chunk))
+
+
+def _chunked_loss(model, chunk):
+    def calculate_loss(interaction):
+        hidden = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+        return chunked_cross_entropy(hidden, model.item_embedding.weight, interaction[model.POS_ITEM_ID], chunk)
+
+    return calculate_loss
+
+
+class ChunkedCEMixin:
+    """Put before a RecBole ``Trainer``: with ``ce_item_chunk`` set, a CE sequential model trains
+    on :func:`chunked_cross_entropy` when that reproduces its own loss (see the module doc)."""
+
+    def fit(self, train_data, *args, **kwargs):
+        chunk = self.config["ce_item_chunk"]
+        if chunk and "calculate_loss" not in vars(self.model):
+            self._use_chunked_ce(train_data, int(chunk))
+        return super().fit(train_data, *args, **kwargs)
+
+    def _use_chunked_ce(self, train_data, chunk):
+        model = self.model
+        name = type(model).__name__
+        if model.type != ModelType.SEQUENTIAL or self.config["loss_type"] != "CE":
+            self.logger.warning(f"ce_item_chunk: {name} is not a sequential model trained with CE; ignored")
+            return
+        # the loader's own collate (not an iterator, which would advance its shuffling generator)
+        sample = train_data.collate_fn(list(range(CHECK_ROWS))).to(self.device)
+        chunked = _chunked_loss(model, chunk)
+        training = model.training
+        model.eval()  # no dropout, so both losses see the same network
+        try:
+            with torch.no_grad():
+                own, ours = model.calculate_loss(sample), chunked(sample)
+            same = isinstance(own, torch.Tensor) and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
+        except Exception as err:  # another forward signature, no item_embedding, ...
+            same, own = False, f"{type(err).__name__}: {err}"
+        finally:
+            model.train(training)
+        if not same:
+            self.logger.warning(f"ce_item_chunk: {name}'s calculate_loss is not plain cross-entropy over "
+                                f"forward(...) @ item_embedding ({own if isinstance(own, str) else 'other value'}); "
+                                "it keeps its own loss")
+            return
+        model.calculate_loss = chunked
+        self.logger.info(f"ce_item_chunk: {name} trains on cross-entropy in slices of {chunk} items")

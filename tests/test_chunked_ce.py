@@ -1,0 +1,57 @@
+"""Chunked cross-entropy (recbole_mm/trainer/chunked_ce.py): RecBole's CE loss and gradients
+without [batch, n_items] logits, swapped in only for models whose loss it reproduces."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY
+from recbole_mm import Config
+from recbole_mm.quick_start.quick_start import build_data_and_model
+from recbole_mm.registry import get_trainer
+from recbole_mm.trainer.chunked_ce import chunked_cross_entropy
+from recbole_mm.trainer.scale import with_scale_hooks
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 64])
+def test_loss_and_gradients_equal_full_cross_entropy(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(50, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (9,), generator=gen)
+    target[1] = target[0]  # a repeated target: its table row gets two contributions
+    full = F.cross_entropy(hidden @ table.T, target)
+    expected = torch.autograd.grad(full, (hidden, table))
+    ours = chunked_cross_entropy(hidden, table, target, chunk)
+    got = torch.autograd.grad(ours * 1.0, (hidden, table))
+    assert torch.allclose(ours, full, rtol=1e-12)
+    assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-12) for g, e in zip(got, expected))
+
+
+SEQ = {"train_neg_sample_args": None, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
+
+
+def _fit(model, planted, chunk):
+    root, name = planted
+    cfg = {**TINY, **SEQ, "data_path": root, "modalities": None, "ce_item_chunk": chunk}
+    config = Config(model=model, dataset=name, config_dict=cfg)
+    _, train_data, _, _, net = build_data_and_model(config)
+    trainer = with_scale_hooks(get_trainer(config["MODEL_TYPE"], model))(config, net)
+    trainer.fit(train_data, saved=False)
+    return net
+
+
+def test_sasrec_trains_on_chunks_to_the_same_weights(planted):
+    plain, chunked = _fit("SASRec", planted, None), _fit("SASRec", planted, 16)
+    assert "calculate_loss" not in vars(plain) and "calculate_loss" in vars(chunked)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), chunked.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_a_model_with_another_loss_keeps_it(planted, caplog):
+    with caplog.at_level(logging.WARNING):
+        net = _fit("BERT4Rec", planted, 16)
+    assert "calculate_loss" not in vars(net)
+    assert "keeps its own loss" in caplog.text
