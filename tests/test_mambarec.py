@@ -59,6 +59,44 @@ def test_dream_gradients_reach_every_parameter_on_a_spatial_map():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _direct_dream(dream, x):
+    """DREAM computed literally: five convolutions over the n maps, eq. 6 as F * max(M_c, M_s), the
+    1x1 merge conv and the output layer (the reference for the folded forward)."""
+    fused = dream.branches(x.reshape(-1, *dream.map_shape))
+    m_c = dream.channel_att(fused.mean(dim=(2, 3)))[:, :, None, None]
+    m_s = dream.spatial_att(fused.mean(dim=1, keepdim=True))
+    return dream.out(dream.merge(fused * torch.maximum(m_c, m_s)).flatten(1)), fused, m_c, m_s
+
+
+@pytest.mark.parametrize("map_shape", [None, [48, 1, 1], [12, 2, 2], [1, 6, 8]])
+def test_folded_dream_equals_the_direct_computation(map_shape):
+    torch.manual_seed(0)
+    dream = DREAM(48, 16, map_shape=map_shape)
+    x = torch.randn(50, 48, requires_grad=True)
+    expected, fused, _, _ = _direct_dream(dream, x)
+    weight, bias = dream.affine_branches(x)
+    assert torch.allclose((x @ weight.flatten(1) + bias.flatten()).view_as(fused), fused, atol=1e-5)
+    out = dream(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # the same gradients too (every parameter, and the input)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *dream.parameters()])
+    ref = torch.autograd.grad(expected.pow(2).sum(), [x, *dream.parameters()])
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dream_fusion_scales_the_signed_map_by_the_larger_gate():
+    """Eq. 6: F * max(M_c, M_s); where F < 0 the literal max(F M_c, F M_s) would take the smaller gate."""
+    torch.manual_seed(0)
+    dream = DREAM(48, 16)
+    x = torch.randn(20, 48)
+    expected, fused, m_c, m_s = _direct_dream(dream, x)
+    assert (fused < 0).float().mean() > 0.2  # a map with many negative entries
+    assert torch.allclose(dream(x), expected, atol=1e-5)
+    literal = dream.out(dream.merge(torch.maximum(fused * m_c, fused * m_s)).flatten(1))
+    assert not torch.allclose(dream(x), literal, atol=1e-3)
+
+
 def _off_centre(conv):
     mask = torch.ones_like(conv.weight, dtype=torch.bool)
     mask[:, :, 1, 1] = False
@@ -219,11 +257,11 @@ def planted(tmp_path_factory):
     return {"data_path": data_path, "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
 
 
-def _prepare(planted, **overrides):
+def _prepare(planted, model="MambaRec", **overrides):
     from recbole_mm.config import Config
     from recbole_mm.registry import create_dataset
 
-    config = Config(model="MambaRec", dataset="planted", config_dict={**BASE, **planted, **overrides})
+    config = Config(model=model, dataset="planted", config_dict={**BASE, **planted, **overrides})
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
@@ -284,6 +322,12 @@ def test_switches(planted):
     single.train()
     _, cl, mmd, _ = single.calculate_loss(next(iter(train)))
     assert cl.item() == 0 and mmd.item() == 0
+    # reduced_dim keeps the full model's d in the single-modality ablation
+    kept, _ = _model(planted, modalities=["image"], reduced_dim=12)
+    assert kept.views[0].reduce.out_features == 12 and kept.views[0].refine.map_shape == (1, 3, 4)
+    trained, _ = _model(planted, train_features=True)
+    assert all(isinstance(v.features, torch.nn.Parameter) for v in trained.views)
+    assert "views.0.features" in trained.state_dict()
 
 
 def test_cached_full_sort_equals_predict_and_is_cleared_on_train(planted):
@@ -342,7 +386,7 @@ def test_training_beats_untrained_and_popularity(planted, tmp_path, monkeypatch)
 
 
 def test_normalize_features_modes():
-    from recbole_mm.model.general_recommender.mambarec import normalize_features
+    from recbole_mm.model.layers.multiview import normalize_features
 
     torch.manual_seed(0)
     feats = torch.randn(9, 5) * 7 + 3
@@ -404,17 +448,42 @@ def test_mmd_on_normalised_modality_embeddings(planted):
         _model(planted, mmd_input="bogus")
 
 
-def test_alignment_losses_mmd_sets_and_cl_switch(planted):
+def test_alignment_losses_share_their_sets_and_switch(planted):
     model, _ = _model(planted)
     torch.manual_seed(0)
-    views = [torch.randn(6, 4), torch.randn(6, 4)]
-    other = [torch.randn(6, 3), torch.randn(6, 3) + 2]
-    mmd, cl = model.alignment_losses(views, other)
-    assert torch.allclose(mmd, model.mmd_loss(*other)) and torch.allclose(cl, model.infonce_loss(*views))
-    mmd2, cl2 = model.alignment_losses(views, other, with_cl=False)
+    sets = [torch.randn(6, 4), torch.randn(6, 4) + 1]
+    mmd, cl = model.alignment_losses(sets)
+    assert torch.allclose(mmd, model.mmd_loss(*sets)) and torch.allclose(cl, model.infonce_loss(*sets))
+    mmd2, cl2 = model.alignment_losses(sets, with_cl=False)
     assert torch.allclose(mmd2, mmd) and cl2.item() == 0
-    mmd3, cl3 = model.alignment_losses(views, other, with_mmd=False)
+    mmd3, cl3 = model.alignment_losses(sets, with_mmd=False)
     assert mmd3.item() == 0 and torch.allclose(cl3, cl)
+
+
+@pytest.mark.parametrize("mmd_input", ["embeddings", "views"])
+def test_default_infonce_contrasts_the_sets_the_mmd_compares(planted, monkeypatch, mmd_input):
+    """Eq. 7-10: InfoNCE and MMD on the same two sets; by default the L2-normalised modality
+    embeddings h^m of the batch's distinct positive items, row i = the same item in both."""
+    model, train = _model(planted, mmd_input=mmd_input, modality_dropout=0.0)  # no dropout: sets reproducible
+    assert model.cl_views == "modalities"
+    seen = {}
+    for name in ("mmd_loss", "infonce_loss"):
+        module = getattr(model, name)
+        monkeypatch.setattr(module, "forward", lambda a, b, n=name, f=module.forward: seen.setdefault(n, (a, b)) and f(a, b))
+    model.train()
+    batch = next(iter(train))
+    _, cl, mmd, _ = model.calculate_loss(batch)
+    assert cl.item() != 0 and mmd.item() != 0
+    for a, b in zip(seen["mmd_loss"], seen["infonce_loss"]):
+        assert torch.equal(a, b)
+    items = torch.unique(batch[model.ITEM_ID])
+    with torch.no_grad():
+        if mmd_input == "embeddings":
+            expected = [F.normalize(view.modality_embeddings()[items], dim=-1) for view in model.views]
+        else:
+            expected = [v[items] for v in model.forward()[2]]
+    for got, want in zip(seen["infonce_loss"], expected):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_switched_off_alignment_terms_are_not_computed(planted, monkeypatch):

@@ -4,13 +4,28 @@ An item's reduced modality vector (``d`` values, eq. 12-13) is viewed as a ``C x
 refined by five parallel branches with ``C_b`` channels each (eq. 1): a 1x1 convolution, three 3x3
 convolutions with dilations ``dilations`` and ``padding = dilation`` (so the map keeps its size), and
 global average pooling -> 1x1 convolution -> bilinear upsampling. The ``C' = 5 C_b`` concatenated
-channels ``F`` are re-weighted twice: channel attention ``F_c = F * sigmoid(W2 ReLU(W1 GAP(F)))``
-(eq. 2-3) and spatial attention ``F_s = F * sigmoid(conv1x1(mean_c F))`` (eq. 4-5); the output is
-``max(F_c, F_s)`` (eq. 6), projected back to ``C`` channels (1x1 conv, i.e. ``d`` values) and then
-linearly to ``out_dim`` (the embedding size). The branches are plain convolutions, as the paper
-describes them: ASPP's batch norm would make an item's output depend on the other items of its batch,
-and a ReLU per branch kills the pooled branch at initialisation whenever its bias is negative (its
-input, the mean of a centred vector, is near zero); the gates and the maximum are the non-linearity.
+channels ``F`` are re-weighted twice: channel attention ``M_c = sigmoid(W2 ReLU(W1 GAP(F)))`` (eq. 2-3) and
+spatial attention ``M_s = sigmoid(conv1x1(mean_c F))`` (eq. 4-5); eq. 6 keeps "the more responsive
+attention", ``F * max(M_c, M_s)``, which is projected back to ``C`` channels (1x1 conv, i.e. ``d``
+values) and then linearly to ``out_dim`` (the embedding size). ``F`` is signed (about half its
+entries are negative at initialisation), so the literal ``max(F * M_c, F * M_s)`` would equal
+``F * min(M_c, M_s)`` wherever ``F < 0``: it would pick the weaker gate there.
+
+The branches are plain convolutions, as the paper describes them: ASPP's batch norm would make an
+item's output depend on the other items of its batch, and a ReLU per branch kills the pooled branch
+at initialisation whenever its bias is negative (its input, the mean of a centred vector, is near
+zero); the gates and the maximum are the non-linearity.
+
+Cost. The five branches are linear in the input (convolutions, a mean and a constant upsampling),
+so ``F = x W + b`` with ``W`` of shape ``[d, C' H W]``: ``W`` and ``b`` are obtained by running the
+branches on the ``d`` unit vectors and on zero (``d + 1`` tiny maps, differentiable in the conv
+weights), and the ``n`` items then cost one matrix product instead of five convolutions over ``n``
+maps (same result up to float rounding; ``branches`` is the direct computation). The means the two
+attentions read are affine in the input as well, so they come from averaged ``W`` and ``b`` without
+a pass over ``F``; the 1x1 spatial-attention conv is the scalar affine map it is, and the 1x1 merge
+is one matrix product on a channels-last ``F``. Forward + backward, one thread on a shared machine:
+12k items with d = 48, 0.61 s instead of 1.79 s for the convolutions; 6.7k items with d = 16,
+0.26 s instead of 0.84 s.
 
 Map layout. ``default_map_shape(d)`` picks the smallest square ``H = W >= 3`` dividing ``d`` (else the
 smallest near-square ``3 <= H <= W``), e.g. ``d = 48 -> 3x4x4``, ``64 -> 4x4x4``, ``24 -> 2x3x4``;
@@ -116,15 +131,36 @@ class DREAM(nn.Module):
         self.merge = nn.Conv2d(fused, c, 1)
         self.out = nn.Linear(dim, self.out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        fmap = x.reshape(-1, *self.map_shape)
+    def branches(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The five branches on maps ``[n, C, H, W]``, concatenated: ``F``, ``[n, C', H, W]`` (eq. 1)."""
         h, w = self.map_shape[1:]
         pooled = self.pool(fmap.mean(dim=(2, 3), keepdim=True))
-        branches = [self.point(fmap), *(conv(fmap) for conv in self.dilated)]
-        branches.append(F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False))
-        fused = torch.cat(branches, dim=1)  # eq. 1
-        f_c = fused * self.channel_att(fused.mean(dim=(2, 3)))[:, :, None, None]  # eq. 2-3
-        f_s = fused * self.spatial_att(fused.mean(dim=1, keepdim=True))  # eq. 4-5
-        y = torch.maximum(f_c, f_s)  # eq. 6
-        return self.out(self.merge(y).flatten(1)).reshape(*lead, self.out_dim)
+        parts = [self.point(fmap), *(conv(fmap) for conv in self.dilated)]
+        parts.append(F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False))
+        return torch.cat(parts, dim=1)
+
+    def affine_branches(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The branches as the affine map they are: ``F = x W + b`` with ``(W [d, C', H W], b [C', H W])``
+        (module docstring), differentiable in the convolutions' weights; dtype / device of ``like``."""
+        d = self.map_shape[0] * self.map_shape[1] * self.map_shape[2]
+        basis = torch.cat([torch.eye(d, dtype=like.dtype, device=like.device), like.new_zeros(1, d)])
+        out = self.branches(basis.view(d + 1, *self.map_shape)).flatten(2)  # [d + 1, C', H W]
+        bias = out[-1]
+        return out[:-1] - bias, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        weight, bias = self.affine_branches(x)
+        # channels last, [n, H W, C']: the 1x1 merge below is then one plain matrix product
+        weight, bias = weight.transpose(1, 2), bias.T
+        fused = torch.addmm(bias.flatten(), x, weight.flatten(1)).view(x.shape[0], *bias.shape)  # eq. 1
+        # both attentions read means of F, which are affine in x too: W and b averaged
+        gap = torch.addmm(bias.mean(0), x, weight.mean(1))  # GAP over H W, [n, C']
+        channel_mean = torch.addmm(bias.mean(1), x, weight.mean(2))  # mean over C', [n, H W]
+        m_c = self.channel_att(gap)[:, None, :]  # eq. 2-3
+        conv = self.spatial_att[0]  # a 1x1 conv from one channel to one is a scalar affine map
+        m_s = torch.sigmoid(channel_mean * conv.weight.reshape(()) + conv.bias)[:, :, None]  # eq. 4-5
+        y = fused * torch.where(m_c >= m_s, m_c, m_s)  # eq. 6: the more responsive gate scales the signed F
+        merged = F.linear(y, self.merge.weight.flatten(1), self.merge.bias)  # the 1x1 conv, [n, H W, C]
+        return self.out(merged.transpose(1, 2).flatten(1)).reshape(*lead, self.out_dim)

@@ -14,10 +14,17 @@
 * Normalised user-item adjacency for LightGCN propagation, ``D^-1/2 [[0, R], [R^T, 0]] D^-1/2`` over
   ``n_users + n_items`` nodes, and its user-item block ``D_u^-1/2 R D_i^-1/2`` (MGCN's user
   side-view aggregation), built with tensor ops only.
+* :func:`sparse_matmul`: ``A @ X`` for a constant sparse ``A`` whose forward and backward
+  (``A^T @ grad``, with ``A^T`` given, or ``A`` itself for the symmetric graphs above) are CSR
+  products. On torch 2.13's CPU this halves the time of the products (two LightGCN layers over 34k nodes and 320k edges plus
+  one user-item product, 64 columns, forward + backward, one thread: 0.46 s vs 0.99 s with COO's
+  ``torch.sparse.mm``, whose backward transposes and coalesces ``A`` on every call), with
+  identical results.
 """
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -111,6 +118,37 @@ def load_or_build_knn_graph(
     tmp.replace(path)  # atomic: a concurrent reader never sees a half-written file
     logger.info("kNN graph (%s, k=%d) cached at %s", name, k, path)
     return graph
+
+
+def _csr(a: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch calls CSR "beta" on every conversion; the products are exact
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return a.to_sparse_csr()
+
+
+class _ConstantSparseMatmul(torch.autograd.Function):
+    """``a @ x`` with ``a`` constant (no gradient), both products on CSR; ``a_t`` is ``a^T`` (None:
+    ``a`` is symmetric)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, a_t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        a_csr = _csr(a)
+        ctx.a_t = a_csr if a_t is None else a_t
+        return torch.sparse.mm(a_csr, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a_t = ctx.a_t if ctx.a_t.layout == torch.sparse_csr else _csr(ctx.a_t)
+        return None, None, torch.sparse.mm(a_t, grad)
+
+
+def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ x`` for a constant sparse matrix ``a`` (coalesced COO, as the builders here return it)
+    and a dense ``x``, differentiable in ``x``; ``a_t`` is ``a^T`` (coalesced COO), None when ``a`` is
+    symmetric. The CSR copies are made per call (``O(nnz)``, a few percent of the product's time):
+    CSR buffers are no option, since torch cannot deep-copy a CSR tensor and RecBole deep-copies
+    the model (``get_flops``)."""
+    return _ConstantSparseMatmul.apply(a, a_t, x)
 
 
 def normalized_interaction_matrix(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Loss mixins for the models of recbole-mm.
 
 A model inherits the mixins it needs next to its RecBole base class, e.g.
-``class MambaRec(BPRLossMixin, EmbRegLossMixin, AlignmentLossMixin, GeneralRecommender)``, and
+``class MGCN(BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender)``, and
 calls the ``init_*`` method of a mixin with hyperparameters from its ``__init__``. The
 parameter-free losses (RecBole's ``BPRLoss`` and ``EmbLoss``) are class attributes, so they need no
 set-up and add nothing to the ``state_dict``.
 """
 
 from itertools import combinations
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from recbole.model.loss import BPRLoss, EmbLoss
@@ -37,23 +37,30 @@ class EmbRegLossMixin:
         return self._emb_reg(*embeddings, require_pow=True).squeeze()
 
 
-class AlignmentLossMixin:
-    """Global cross-modal alignment (MambaRec sec. 4.2): MMD^2 and InfoNCE between the views of
-    one batch of items, averaged over every pair of modalities (one pair for image/text)."""
+class InfoNCELossMixin:
+    """``infonce_loss(a, b)``: InfoNCE between two views of the same rows (MGCN eq. 10, MambaRec
+    eq. 10), temperature ``cl_temp``."""
+
+    def init_infonce_loss(self, cl_temp: float) -> None:
+        self.infonce_loss = InfoNCELoss(cl_temp)
+
+
+class AlignmentLossMixin(InfoNCELossMixin):
+    """Global cross-modal alignment (MambaRec sec. 4.2): MMD^2 (eq. 7-9) and InfoNCE (eq. 10) on the
+    same sets (one per modality, row ``i`` the same item in each), averaged over every pair of
+    modalities (one pair for image/text)."""
 
     def init_alignment_losses(self, mmd_bandwidth: Bandwidth, cl_temp: float) -> None:
         self.mmd_loss = MMDLoss(mmd_bandwidth)
-        self.infonce_loss = InfoNCELoss(cl_temp)
+        self.init_infonce_loss(cl_temp)
 
-    def alignment_losses(self, views: Sequence[torch.Tensor], mmd_views: Optional[Sequence[torch.Tensor]] = None,
-                         with_cl: bool = True, with_mmd: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``views[m]: [N, d]``, row ``i`` the same item in every view. Returns ``(mmd, infonce)``;
-        both are zero with fewer than two views. ``mmd_views`` (same count as ``views``), when
-        given, are the sets the MMD compares instead of ``views``; ``with_cl=False`` /
-        ``with_mmd=False`` skip the InfoNCE / the MMD (returned as zero, never computed)."""
-        pairs = list(combinations(range(len(views)), 2))
-        zero = views[0].new_zeros(()) if views else torch.zeros(())
-        sets = views if mmd_views is None else mmd_views
+    def alignment_losses(self, sets: Sequence[torch.Tensor], with_cl: bool = True,
+                         with_mmd: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``sets[m]: [N, d]``, row ``i`` the same item in every set. Returns ``(mmd, infonce)``;
+        both are zero with fewer than two sets; ``with_cl=False`` / ``with_mmd=False`` skip the
+        InfoNCE / the MMD (returned as zero, never computed)."""
+        pairs = list(combinations(range(len(sets)), 2))
+        zero = sets[0].new_zeros(()) if sets else torch.zeros(())
         mmd = sum(self.mmd_loss(sets[i], sets[j]) for i, j in pairs) / len(pairs) if pairs and with_mmd else zero
-        cl = sum(self.infonce_loss(views[i], views[j]) for i, j in pairs) / len(pairs) if pairs and with_cl else zero
+        cl = sum(self.infonce_loss(sets[i], sets[j]) for i, j in pairs) / len(pairs) if pairs and with_cl else zero
         return mmd, cl

@@ -2,9 +2,19 @@
 
 The paper writes the biased (V-statistic) estimator of eq. 8, whose within-sample terms include
 the diagonal ``k(x_i, x_i) = 1``; that adds a positive offset ``~ 2 n_bw / N`` that does not vanish when
-the two distributions are equal. We use the unbiased U-statistic (Gretton et al., JMLR 2012,
-eq. 3): the within-sample means skip the diagonal, so ``E[MMD^2_u] = 0`` exactly when both
-samples come from one distribution (single estimates may then be slightly negative).
+the two distributions are equal. We use the unbiased U-statistic (Gretton et al., JMLR 2012):
+
+* ``N = M`` (MambaRec's case: ``x_i`` and ``y_i`` are two views of the *same* item), eq. 3:
+  ``1/(N(N-1)) sum_{i != j} [k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)]``. The cross
+  term skips its diagonal ``k(x_i, y_i)`` too: a pair is dependent, so keeping it biases the
+  estimate (downwards when the views of an item are close) and adds a hidden gradient that pulls
+  each item's two views together, whatever the two distributions are. For independent samples of
+  equal size the same formula is unbiased as well.
+* ``N != M`` (no pairing), Lemma 6: the within-sample means skip the diagonal, the cross mean is
+  over all ``N M`` pairs.
+
+Either way ``E[MMD^2_u] = 0`` exactly when both samples come from one distribution (single
+estimates may then be slightly negative).
 """
 
 import torch
@@ -26,7 +36,8 @@ class MMDLoss(nn.Module):
             kernel is the sum of the Gaussians (``kernels.gaussian_kernel``), which keeps a usable
             gradient when the scale of the representations is not known in advance.
 
-    Shape: ``x: [n, d]``, ``y: [m, d]`` with ``n, m >= 2``; output: scalar.
+    Shape: ``x: [n, d]``, ``y: [m, d]`` with ``n, m >= 2``; rows ``i`` of ``x`` and ``y`` are taken
+    as a pair when ``n == m``; output: scalar.
     """
 
     def __init__(self, bandwidth: Bandwidth = 1.0):
@@ -41,4 +52,5 @@ class MMDLoss(nn.Module):
         k_xx = gaussian_kernel(x, bandwidth=self.bandwidth)
         k_yy = gaussian_kernel(y, bandwidth=self.bandwidth)
         k_xy = gaussian_kernel(x, y, bandwidth=self.bandwidth)
-        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2.0 * k_xy.mean()
+        cross = _off_diagonal_mean(k_xy) if x.shape[0] == y.shape[0] else k_xy.mean()
+        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2.0 * cross
