@@ -1,4 +1,4 @@
-"""FindRec's cross-modal attention (eq. 2 in SPEC §4 numbering) and per-head expert routing
+"""FindRec's cross-modal attention (eq. 2 in docs/design.md §findrec numbering) and per-head expert routing
 (eq. 3), from "FindRec: Stein-Guided Entropic Flow for Multi-Modal Sequential Recommendation"
 (KDD'25, sec. 2.3)."""
 

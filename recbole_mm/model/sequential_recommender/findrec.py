@@ -2,7 +2,7 @@
 
 Reference: M. Wang, Y. Xiao, B. Wang, et al., "FindRec: Stein-Guided Entropic Flow for
 Multi-Modal Sequential Recommendation", KDD'25. No public code; the paper's text as fixed by
-SPEC §4 is the specification.
+docs/design.md §findrec is the specification.
 """
 
 import logging
@@ -60,7 +60,7 @@ class FindRec(SequentialRecommender):
     - Streams (sec. 2.1): the item-ID embeddings (``embedding_size``) and, per modality ``m``,
       ``W_m f_m`` (``align_dim``) each pass ``n_layers`` Mamba blocks
       ``x + alpha Dropout(Mamba(LN(x)))`` + FFN; the last valid position gives ``z_ID``, ``z_m``.
-    - Cross-modal attention (eq. 2; SPEC §4): per head, queries from the first modality of a pair
+    - Cross-modal attention (eq. 2; docs/design.md §findrec): per head, queries from the first modality of a pair
       (the paper's image), keys/values from the second, over positions with causal and padding
       masks (keys also masked where an item has no feature row), residual; last valid position.
     - Expert routing (eq. 3): per-head soft router over ``n_experts`` MLP experts, heads concatenated.
