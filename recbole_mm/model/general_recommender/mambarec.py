@@ -119,7 +119,7 @@ class MambaRec(AlignmentLossMixin, MGCN):
         return [v[items] for v in enc.item_views]
 
     def calculate_loss(self, interaction) -> Sequence[torch.Tensor]:
-        self.restore_user_e = self.restore_item_e = None
+        self.clear_cache()
         (bpr, cl, reg), (enc, pos_items) = self._losses(interaction)
         zero = bpr.new_zeros(())
         mmd = zero

@@ -50,6 +50,7 @@ from recbole.model.init import xavier_uniform_initialization
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_mm.model.abstract_recommender import CachedDotProductMixin
 from recbole_mm.model.layers.graph import (
     load_or_build_knn_graph,
     normalized_bipartite_adjacency,
@@ -77,7 +78,7 @@ class Encoding(NamedTuple):
     embeddings: List[torch.Tensor]
 
 
-class MGCN(BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender):
+class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender):
     """MGCN (MM'23); see the module docstring for the architecture and hyperparameters."""
 
     input_type = InputType.PAIRWISE
@@ -124,19 +125,12 @@ class MGCN(BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender):
         self.register_buffer("ui_mat", ui_mat, persistent=False)
         self.register_buffer("ui_mat_t", ui_mat.t().coalesce(), persistent=False)  # for the backward of eq. 5
         self.init_infonce_loss(config["cl_temp"])
-        self.restore_user_e: Optional[torch.Tensor] = None
-        self.restore_item_e: Optional[torch.Tensor] = None
         self.apply(xavier_uniform_initialization)
 
     def modality_refiner(self, config, dims: Dict[str, int], emb: int) -> Tuple[int, Callable[[], nn.Module]]:
         """``(d, make)``: each modality's features are projected linearly to ``d`` values, then
         ``make()`` (one call per modality) maps them to ``emb``. MGCN: ``d = emb``, identity."""
         return emb, nn.Identity
-
-    def train(self, mode: bool = True):
-        # parameters may change from here on: the evaluation cache is stale
-        self.restore_user_e = self.restore_item_e = None
-        return super().train(mode)
 
     def _content_view(self) -> torch.Tensor:
         """LightGCN over the ID embeddings: mean of layers ``0..n_ui_layers``, ``[n_users + n_items, emb]``."""
@@ -170,7 +164,7 @@ class MGCN(BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender):
         return enc.users, enc.items, enc.item_views
 
     def calculate_loss(self, interaction):
-        self.restore_user_e = self.restore_item_e = None
+        self.clear_cache()
         losses, _ = self._losses(interaction)
         return losses
 
@@ -206,16 +200,7 @@ class MGCN(BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin, GeneralRecommender):
             cl = cl + self.infonce_loss(enc.side_users[user_rows], enc.content_users[user_rows])
         return cl
 
-    def _final_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.restore_user_e is None or self.restore_item_e is None:
-            with torch.no_grad():
-                self.restore_user_e, self.restore_item_e, _ = self.forward()
-        return self.restore_user_e, self.restore_item_e
-
-    def predict(self, interaction):
-        users, items = self._final_embeddings()
-        return (users[interaction[self.USER_ID]] * items[interaction[self.ITEM_ID]]).sum(-1)
-
-    def full_sort_predict(self, interaction):
-        users, items = self._final_embeddings()
-        return (users[interaction[self.USER_ID]] @ items.T).view(-1)
+    def final_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(users, items)`` final embeddings, cached for evaluation by :class:`CachedDotProductMixin`."""
+        users, items, _ = self.forward()
+        return users, items
