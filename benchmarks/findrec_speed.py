@@ -4,15 +4,15 @@
     python benchmarks/findrec_speed.py --out /tmp/fs --max-batches 20 --skip-memory   # a quick look
 
 Data: the FindRec paper's Amazon Beauty (Table 1: 4,323 users, 2,424 items, 60,276
-interactions), i.e. ``amazon-beauty`` under ``user_inter_num_interval`` / ``item_inter_num_interval``
-``[7,inf)``, RecBole's leave-one-out split and training loader (batch 128 unless ``--batch-size``).
+interactions), the dataset ``amazon-beauty-paper``, with RecBole's leave-one-out split and training
+loader (batch 128 unless ``--batch-size``).
 Every measurement runs in a subprocess of its own (``ru_maxrss`` is that run's peak), all with
 ``--threads`` torch threads. Writes ``findrec_speed.csv`` and ``findrec_speed.md`` with four tables:
 
 1. ``paper``: one training epoch of FindRec at the paper's dimensions (``properties/model/FindRec.yaml``)
    — forward, backward, gradient clipping and the AdamW step over every batch (or the first
    ``--max-batches``, extrapolated and said so), with the padded-batch computation beside it
-   (``length_groups: false``).
+   (``length_groups: false``, ``--sample-batches`` extrapolated).
 2. ``equal-width``: FindRec (``embedding_size`` = ``align_dim`` = 64) against SASRec (``hidden_size``
    64), 2 layers each, at ``MAX_ITEM_LIST_LENGTH`` 50 and 200: s/epoch and peak memory.
 3. ``scan``: forward + backward of one selective scan at the paper's size (batch 128, length 50,
@@ -36,7 +36,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
-PAPER_BEAUTY = {"user_inter_num_interval": "[7,inf)", "item_inter_num_interval": "[7,inf)"}
 FIELDS = ["table", "name", "max_length", "threads", "batches", "batches_timed", "seconds_timed", "s_per_epoch",
           "peak_rss_mb", "real_positions", "padded_positions", "gflop_per_epoch", "floor_s", "note"]
 
@@ -82,7 +81,7 @@ def _epoch_worker(args) -> dict:
 
     overrides = json.loads(args.overrides)
     config = Config(model=args.name, dataset=args.dataset, config_dict={
-        **PAPER_BEAUTY, "MAX_ITEM_LIST_LENGTH": args.length, "train_batch_size": args.batch_size,
+        "MAX_ITEM_LIST_LENGTH": args.length, "train_batch_size": args.batch_size,
         "state": "ERROR", "show_progress": False, "use_gpu": False, "checkpoint_dir": "/tmp/findrec_speed_saved",
         **overrides})
     dataset, train, valid, test, model = build_data_and_model(config)
@@ -159,10 +158,11 @@ def _matmul_worker(args) -> dict:
     return {"seconds_timed": best, "note": f"{2 * 2048 ** 3 / best / 1e9:.1f} GFLOP/s"}
 
 
-def _run(args, table, name, length=50, overrides=None) -> dict:
+def _run(args, table, name, length=50, overrides=None, max_batches=None) -> dict:
     worker = table if table in ("scan", "matmul") else "epoch"
+    max_batches = args.max_batches if max_batches is None else max_batches
     cmd = [sys.executable, __file__, "--worker", worker, "--name", name, "--length", str(length),
-           "--batch-size", str(args.batch_size), "--max-batches", str(args.max_batches), "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--max-batches", str(max_batches), "--threads", str(args.threads),
            "--repeats", str(args.repeats), "--dataset", args.dataset, "--overrides", json.dumps(overrides or {})]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -198,9 +198,12 @@ def _markdown(rows, args, rate) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="folder for findrec_speed.csv / .md")
-    parser.add_argument("--dataset", default="amazon-beauty")
+    parser.add_argument("--dataset", default="amazon-beauty-paper", help="default: FindRec's Table 1 data")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (paper: 128)")
-    parser.add_argument("--max-batches", type=int, default=0, help="time this many batches and extrapolate (0: all)")
+    parser.add_argument("--max-batches", type=int, default=0,
+                        help="paper table: time this many batches and extrapolate (0: the whole epoch)")
+    parser.add_argument("--sample-batches", type=int, default=60,
+                        help="padded and equal-width rows: batches timed and extrapolated (0: whole epochs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="scan timings: the best of this many")
     parser.add_argument("--skip", nargs="*", default=[], choices=["paper", "padded", "equal-width", "scan"])
@@ -220,13 +223,14 @@ def main(argv=None):
     if "paper" not in args.skip:
         rows.append(_run(args, "paper", "FindRec"))
     if "padded" not in args.skip:
-        rows.append(_run(args, "paper", "FindRec", overrides={"length_groups": False}))
+        rows.append(_run(args, "paper", "FindRec", overrides={"length_groups": False}, max_batches=args.sample_batches))
     if "equal-width" not in args.skip:
         for length in (50, 200):
-            rows.append(_run(args, "equal-width", "FindRec", length, {"embedding_size": 64, "align_dim": 64}))
+            rows.append(_run(args, "equal-width", "FindRec", length, {"embedding_size": 64, "align_dim": 64},
+                             max_batches=args.sample_batches))
             rows.append(_run(args, "equal-width", "SASRec", length, {
                 "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2, "loss_type": "CE",
-                "train_neg_sample_args": None}))
+                "train_neg_sample_args": None}, max_batches=args.sample_batches))
     for row in rows:
         row["floor_s"] = row["gflop_per_epoch"] / rate
     if "scan" not in args.skip:

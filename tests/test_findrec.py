@@ -225,7 +225,7 @@ def test_registry_and_paper_defaults(planted3):
     assert issubclass(get_trainer(None, "FindRec"), FindRecTrainer)
     config, *_ = _prepare(planted3)
     assert config["learner"] == "adamw" and config["weight_decay"] == 0.01
-    assert config["clip_grad_norm"] == {"max_norm": 1.0} and config["iicm_weight"] == 1e-3
+    assert config["clip_grad_norm"] == {"max_norm": 1.0} and config["iicm_weight"] == 0.01
     assert config["train_neg_sample_args"]["distribution"] == "none"
     assert config["eval_args"]["order"] == "TO"  # leave-one-out by time
 
@@ -285,7 +285,9 @@ def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
 
 
 def test_length_groups_cut_where_padding_outweighs_a_call():
-    from recbole_mm.model.layers.length_groups import LengthGroups, length_groups
+    from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead, length_groups
+
+    assert (group_overhead(256), group_overhead(64), group_overhead(4096)) == (32, 512, 8)
 
     lengths = torch.tensor([3, 50, 2, 3, 49, 2])
     groups = length_groups(lengths, overhead=10)

@@ -15,7 +15,7 @@ from recbole.utils import InputType
 
 from recbole_mm.model.layers.dropout import Dropout
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
-from recbole_mm.model.layers.length_groups import LengthGroups
+from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.stein import IICMLoss
 
@@ -111,6 +111,7 @@ class FindRec(SequentialRecommender):
         entropy = config["iicm_entropy"] if config["use_entropy"] else None
         self.iicm_weight = config["iicm_weight"]
         self.length_groups = config["length_groups"]
+        self.group_overhead = group_overhead(max(emb, align))
         self.log_loss_terms = config["log_loss_terms"]
         self._loss_term_sums = {}
         self.loss_names = ("ce",)
@@ -169,7 +170,7 @@ class FindRec(SequentialRecommender):
         sequence: the result of the padded batch without computing the padding. The head runs on
         the merged last states (the cross-attention per group, for its keys), so every loss
         term's gradient passes through the same ``z_m``."""
-        groups = LengthGroups(item_seq_len, enabled=self.length_groups)
+        groups = LengthGroups(item_seq_len, enabled=self.length_groups, overhead=self.group_overhead)
         parts = [self._streams(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)]
         z_id, views, posteriors = groups.merge([part[:3] for part in parts])
         fused = []

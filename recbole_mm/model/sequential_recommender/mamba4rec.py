@@ -25,7 +25,7 @@ from torch import nn
 
 from recbole_mm.model.abstract_recommender import DotProductSequentialRecommender
 from recbole_mm.model.layers.dropout import Dropout
-from recbole_mm.model.layers.length_groups import LengthGroups
+from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import Mamba
 from recbole_mm.model.layers.mlp import feed_forward
 
@@ -64,12 +64,13 @@ class Mamba4Rec(DotProductSequentialRecommender):
             Mamba4RecLayer(hidden, config["d_state"], config["d_conv"], config["expand"], dropout,
                            residual=n_layers > 1, backend=config["mamba_backend"])
             for _ in range(n_layers))
+        self.group_overhead = group_overhead(hidden)
         self.apply(self._init_weights)
 
     def forward(self, item_seq, item_seq_len):
         # causal layers read at the last valid position: run groups of similar length, each cut
         # to its longest sequence, instead of the padded batch (same result, less work)
-        groups = LengthGroups(item_seq_len)
+        groups = LengthGroups(item_seq_len, overhead=self.group_overhead)
         return groups.merge([self._encode(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)])
 
     def _encode(self, item_seq, item_seq_len):
