@@ -204,6 +204,8 @@ def main(argv=None):
                         help="paper table: time this many batches and extrapolate (0: the whole epoch)")
     parser.add_argument("--sample-batches", type=int, default=60,
                         help="padded and equal-width rows: batches timed and extrapolated (0: whole epochs)")
+    parser.add_argument("--paper-length", type=int, default=50,
+                        help="MAX_ITEM_LIST_LENGTH of the paper rows (the paper: 50 on Beauty, 100 on ML-100K)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="scan timings: the best of this many")
     parser.add_argument("--skip", nargs="*", default=[], choices=["paper", "padded", "equal-width", "scan"])
@@ -221,9 +223,10 @@ def main(argv=None):
     rate = float(_run(args, "matmul", "matmul")["note"].split()[0])
     rows = []
     if "paper" not in args.skip:
-        rows.append(_run(args, "paper", "FindRec"))
+        rows.append(_run(args, "paper", "FindRec", args.paper_length))
     if "padded" not in args.skip:
-        rows.append(_run(args, "paper", "FindRec", overrides={"length_groups": False}, max_batches=args.sample_batches))
+        rows.append(_run(args, "paper", "FindRec", args.paper_length, {"length_groups": False},
+                         max_batches=args.sample_batches))
     if "equal-width" not in args.skip:
         for length in (50, 200):
             rows.append(_run(args, "equal-width", "FindRec", length, {"embedding_size": 64, "align_dim": 64},
