@@ -57,7 +57,8 @@ from recbole_mm.model.layers.graph import (
     normalized_interaction_matrix,
     sparse_matmul,
 )
-from recbole_mm.model.layers.multiview import ModalityView, ViewFuser, normalize_features
+from recbole_mm.model.layers.item_features import dataset_features
+from recbole_mm.model.layers.multiview import ModalityView, ViewFuser
 from recbole_mm.model.loss.mixins import BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin
 
 REG_EMBEDDINGS = ("ego", "final")
@@ -87,10 +88,8 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.modalities = list(getattr(dataset, "modalities", None) or [])
-        if not self.modalities:
-            raise ValueError(f"{type(self).__name__} needs item features: set `modalities` (e.g. [image, text]) "
-                             "for the dataset")
+        features = dataset_features(dataset, type(self).__name__, config["feature_norm"])
+        self.modalities = list(features)
         self.reg_embeddings = config["reg_embeddings"]
         if self.reg_embeddings not in REG_EMBEDDINGS:
             raise ValueError(f"reg_embeddings must be one of {REG_EMBEDDINGS}, got {self.reg_embeddings!r}")
@@ -98,9 +97,7 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         self.n_ui_layers = config["n_ui_layers"]
         self.cl_weight = config["cl_weight"]
         self.reg_weight = config["reg_weight"]
-        feature_norm = config["feature_norm"]
         masks = dataset.item_feature_mask
-        features = {m: normalize_features(dataset.item_features[m], feature_norm, masks[m]) for m in self.modalities}
         d, refiner = self.modality_refiner(config, {m: f.shape[1] for m, f in features.items()}, emb)
         graph_dir = dataset.cache_dir
         self.views = nn.ModuleList(

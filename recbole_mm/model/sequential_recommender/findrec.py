@@ -224,15 +224,12 @@ class FindRec(SequentialRecommender):
         losses = tuple(terms.values())
         return losses if len(losses) > 1 else losses[0]
 
-    @torch.no_grad()
     def _record_loss_terms(self, terms, views):
         """Adds each term's value and the norm of its gradient at the modality streams' outputs
         ``z_m`` (all views together) to the running sums logged by :meth:`train`."""
-        with torch.enable_grad():
-            grads = {name: torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
-                     for name, value in terms.items()}
         for name, value in terms.items():
-            norm = torch.sqrt(sum((g.pow(2).sum() for g in grads[name] if g is not None), value.new_zeros(())))
+            grads = torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
+            norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), value.new_zeros(())))
             total = self._loss_term_sums.setdefault(name, [0.0, 0.0, 0])
             total[0] += value.item()
             total[1] += norm.item()
