@@ -73,3 +73,20 @@ def test_warm_cold_report_puts_an_id_model_at_the_floor_on_cold_items(planted):
     assert warm > 0.3 and cold < chance * 0.75, report
     overall = trainer.evaluate(test, load_best_model=False)["recall@20"]
     assert cold < overall < warm
+
+
+def test_findrec_scores_cold_items_from_their_features_with_feature_logits(planted):
+    # eq. 4's ID table gives a cold item only a negative's training; `feature_logits` adds the
+    # item's projected features to its candidate vector, so a cold item that fits the planted
+    # walk (its features carry its cluster and phase) is ranked from them
+    small = {"embedding_size": 16, "align_dim": 16, "n_heads": 2, "n_experts": 2, "d_state": 4, "n_layers": 1,
+             "mamba_backend": "torch", "warmup_steps": 5, "learning_rate": 0.005, "epochs": 6,
+             "MAX_ITEM_LIST_LENGTH": 10, "cold_item_ratio": 0.2, "cold_seed": 0, **SEQ}
+    cold = {}
+    for feature_logits in (False, True):
+        config, (_, train, valid, test, model) = _build("FindRec", planted, feature_logits=feature_logits, **small)
+        trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+        trainer.fit(train, valid, saved=False)
+        cold[feature_logits] = evaluate_warm_cold(trainer, test)["cold"]["recall@20"]
+    chance = 20 / (test.dataset.item_num - 1)
+    assert cold[False] < chance < cold[True], (cold, chance)

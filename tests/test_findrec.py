@@ -305,8 +305,9 @@ def test_length_groups_cut_where_padding_outweighs_a_call():
     assert [s.shape[1] for s, _ in whole.inputs(seq, lengths)] == [50] and whole.merge([seq]) is seq
 
 
-def test_full_sort_equals_predict(planted3):
-    model, train = _model(planted3)
+@pytest.mark.parametrize("feature_logits", [False, True])
+def test_full_sort_equals_predict(planted3, feature_logits):
+    model, train = _model(planted3, feature_logits=feature_logits)
     model.eval()
     batch = next(iter(train))[:4]
     full = model.full_sort_predict(batch)
@@ -314,6 +315,34 @@ def test_full_sort_equals_predict(planted3):
     pairs = {model.ITEM_SEQ: batch[model.ITEM_SEQ].repeat_interleave(n, 0),
              model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN].repeat_interleave(n), model.ITEM_ID: torch.arange(n).repeat(4)}
     torch.testing.assert_close(model.predict(pairs).view(4, n), full, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_logits_score_candidates_from_their_features(planted3):
+    # eq. 4 scores against the ID table only: an item's features reach its own score only when it
+    # is in the history. With feature_logits the candidate is E_item + sum_m V_m f_m, so changing
+    # the features of an item outside every history changes its score and nobody else's
+    from recbole_mm.evaluation.scorers import make_scorer
+
+    for feature_logits in (False, True):
+        model, train = _model(planted3, feature_logits=feature_logits)
+        model.eval()
+        batch = next(iter(train))[:8]
+        outside = int(torch.tensor([i for i in range(1, model.n_items) if not (batch[model.ITEM_SEQ] == i).any()][0]))
+        before = model.full_sort_predict(batch)
+        for stream in model.streams:
+            stream.features[outside] += 1.0
+        if model.item_tower is not None:
+            for k in range(len(model.item_tower.maps)):
+                getattr(model.item_tower, f"feature_{k}")[outside] += 1.0
+        after = model.full_sort_predict(batch)
+        others = torch.arange(model.n_items) != outside
+        torch.testing.assert_close(after[:, others], before[:, others])
+        assert (after[:, outside] != before[:, outside]).all() == feature_logits
+        scorer = make_scorer(model, batch, model.n_items)  # the blocked ranking multiplies the same tables
+        assert scorer.name == "full_sort_embeddings"
+    model.train()
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    assert all(m.weight.grad.abs().sum() > 0 for m in model.item_tower.maps)
 
 
 def test_switches_and_modality_counts(planted3, caplog):

@@ -14,6 +14,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_mm.model.layers.dropout import Dropout
+from recbole_mm.model.layers.item_features import ItemFeatureProjection, dataset_features
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
@@ -65,7 +66,9 @@ class FindRec(SequentialRecommender):
       masks (keys also masked where an item has no feature row), residual; last valid position.
     - Expert routing (eq. 3): per-head soft router over ``n_experts`` MLP experts, heads concatenated.
     - Output (eq. 3-4): ``S = FFN(Concat(z_ID, O_exp))`` -> ``embedding_size``; logits
-      ``S E_item^T``; cross-entropy over all items.
+      ``S E_item^T``; cross-entropy over all items. With ``feature_logits`` (not in the paper) the
+      candidates are ``E_item + sum_m V_m f_m`` (docs/design.md §findrec): the features reach the
+      logits, and items without interactions (cold) are scored from their features.
     - IICM (eq. 1-2, sec. 2.2): ``1 - mean K(z_a, z_b)`` (RBF, adaptive median bandwidth) per pair,
       plus ``entropy_weight`` x a Stein (or KL) entropy term per modality; total loss
       ``L_CE + iicm_weight * L_IICM`` (eq. 5).
@@ -89,7 +92,8 @@ class FindRec(SequentialRecommender):
     (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
     (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
-    ``cross_pairs``; switches ``use_cross_attn``, ``use_iicm``, ``use_moe``, ``use_entropy``.
+    ``cross_pairs``, ``feature_logits`` (false); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
+    ``use_entropy``.
     """
 
     input_type = InputType.POINTWISE
@@ -139,10 +143,16 @@ class FindRec(SequentialRecommender):
         self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
         self.loss_fct = nn.CrossEntropyLoss()
+        # the candidates' feature part: bias-free maps, so the padding item and missing views add 0
+        self.item_tower = ItemFeatureProjection(dataset_features(dataset, "FindRec"), emb) \
+            if config["feature_logits"] else None
 
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        if self.item_tower is not None:
+            for linear in self.item_tower.maps:
+                nn.init.normal_(linear.weight, std=0.02)
 
     def _cross_pairs(self, cross_pairs: Optional[Sequence[Sequence[str]]]) -> List[Tuple[int, int]]:
         """``[(query view index, key view index)]`` from ``cross_pairs`` (names)."""
@@ -211,7 +221,7 @@ class FindRec(SequentialRecommender):
         names them): ``ce``, ``iicm_align`` and ``iicm_entropy`` (each already times
         ``iicm_weight``), ``moe_balance``."""
         seq_output, views, posteriors = self._encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        logits = seq_output @ self.item_embedding.weight.t()
+        logits = seq_output @ self.item_table().t()
         terms = {"ce": self.loss_fct(logits, interaction[self.POS_ITEM_ID])}
         if self.iicm is not None:
             for part, value in self.iicm.terms(views, self.pairs, posteriors or None).items():
@@ -239,13 +249,29 @@ class FindRec(SequentialRecommender):
         """``{term: (mean value, mean gradient norm at z_m)}`` since the last reset (``log_loss_terms``)."""
         return {name: (v / n, g / n) for name, (v, g, n) in self._loss_term_sums.items()}
 
+    def item_table(self) -> torch.Tensor:
+        """The candidates ``[n_items, embedding_size]``: ``E_item`` (eq. 4), plus the projected
+        features with ``feature_logits``."""
+        if self.item_tower is None:
+            return self.item_embedding.weight
+        return self.item_embedding.weight + sum(self.item_tower.all_items())
+
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return (seq_output * self.item_embedding(interaction[self.ITEM_ID])).sum(-1)
+        items = interaction[self.ITEM_ID]
+        candidates = self.item_embedding(items)
+        if self.item_tower is not None:
+            candidates = candidates + sum(self.item_tower(items))
+        return (seq_output * candidates).sum(-1)
+
+    def full_sort_embeddings(self, interaction):
+        """``(S [B, d], candidates [n_items, d])`` with ``full_sort_predict = S @ candidates.T``
+        (the blocked full ranking's form, recbole_mm.evaluation.scorers)."""
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), self.item_table()
 
     def full_sort_predict(self, interaction):
-        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return seq_output @ self.item_embedding.weight.t()
+        seq_output, candidates = self.full_sort_embeddings(interaction)
+        return seq_output @ candidates.t()
 
     def expert_load(self):
         """``{pair name: (mean router weight, top-1 share) per expert}`` accumulated since the last
