@@ -164,6 +164,10 @@ def test_suite_files_state_runs_and_paper_numbers_consistently():
         suite = load_suite(file)
         labels = {e.label for e in suite.entries}
         paper = yaml.safe_load(file.read_text())["paper"]
+        assert paper["source"], file
+        if not paper["metrics"]:  # the papers report nothing comparable: the source must say so
+            assert "no" in paper["source"].lower(), file
+            continue
         assert set(paper["metrics"]) <= labels and suite.reference in paper["metrics"], file
         protocol = {f"{m.lower()}@{k}" for m in suite.config["metrics"] for k in suite.config["topk"]}
         for label, numbers in paper["metrics"].items():

@@ -11,7 +11,11 @@ plan's labels, so one CSV can hold many suites and stale configurations without 
   the seeds both have, and a Wilcoxon signed-rank test over the users' metric values of the
   last seed both have (users matched by id);
 * the paper's numbers beside ours, when the suite states them, with the order of the labels by
-  the first paper metric in both.
+  the first paper metric in both;
+* cold-start runs (``cold_item_ratio``; the worker's ``warm_<metric>`` and ``cold_<metric>``
+  columns): a "Warm and cold items" table, mean ± std over seeds of every test metric on warm and
+  on cold targets, and the cold metrics in the significance table (paired t over seeds only: the
+  per-user values are kept for the whole test set).
 """
 
 import warnings
@@ -54,6 +58,18 @@ def metric_columns(frame: pd.DataFrame) -> List[str]:
     return [c for c in frame.columns if c.startswith("test_") and c != "test_users"]
 
 
+def group_columns(frame: pd.DataFrame, group: str) -> List[str]:
+    """The ``warm_``/``cold_`` columns of the test metrics that some run of ``frame`` reports."""
+    columns = [f"{group}_{m[len('test_'):]}" for m in metric_columns(frame)]
+    return [c for c in columns if c in frame and frame[c].notna().any()]
+
+
+def _metric_name(column: str) -> str:
+    """``test_ndcg@10`` -> ``ndcg@10``; ``cold_ndcg@10`` -> ``cold ndcg@10``."""
+    group, metric = column.split("_", 1)
+    return metric if group == "test" else f"{group} {metric}"
+
+
 def _fmt(value, digits=4) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
@@ -64,6 +80,11 @@ def _mean_std(values: pd.Series, digits=4) -> str:
         return "–"
     std = values.std(ddof=1) if len(values) > 1 else float("nan")
     return _fmt(values.mean(), digits) + ("" if np.isnan(std) else f" ± {_fmt(std, digits)}")
+
+
+def _counts(values: pd.Series) -> str:
+    """The distinct counts of a column (one, unless an entry changes the split or the draw)."""
+    return ", ".join(str(int(v)) for v in sorted(values.dropna().unique())) or "–"
 
 
 def _table(header: List[str], rows: List[List[str]]) -> str:
@@ -109,12 +130,13 @@ def _significance(frame, suite, metrics, per_user_dir) -> Optional[str]:
         last = common[-1] if common else None
         for column in metrics:
             gain = mine[column].mean() / ref[column].mean() - 1 if ref[column].mean() else float("nan")
-            p_user = float("nan") if last is None else user_wilcoxon(
+            # per-user values exist for the whole test set only (warm/cold: seeds only)
+            p_user = None if last is None or not column.startswith("test_") else user_wilcoxon(
                 per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
-            rows.append([label, column[len("test_"):], _fmt(mine[column].mean()), _fmt(ref[column].mean()),
+            rows.append([label, _metric_name(column), _fmt(mine[column].mean()), _fmt(ref[column].mean()),
                          "–" if not np.isfinite(gain) else f"{gain:+.1%}",
                          _fmt(seed_ttest(frame, label, suite.reference, column), 3),
-                         f"{_fmt(p_user, 3)} (seed {last})" if last is not None else "–"])
+                         "–" if p_user is None else f"{_fmt(p_user, 3)} (seed {last})"])
     header = ["label", "metric", "mean", f"{suite.reference}", "gain", "p, paired t (seeds)",
               "p, Wilcoxon (users, last seed)"]
     return _table(header, rows)
@@ -122,8 +144,8 @@ def _significance(frame, suite, metrics, per_user_dir) -> Optional[str]:
 
 def _paper(frame, suite) -> Optional[str]:
     paper = (suite.paper or {}).get("metrics") or {}
-    if not paper:
-        return None
+    if not paper:  # a suite may state that the papers report nothing comparable
+        return f"No paper numbers: {suite.paper['source']}" if (suite.paper or {}).get("source") else None
     metrics = list(next(iter(paper.values())))
     rows = []
     for label, values in paper.items():
@@ -203,7 +225,16 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
               "Train s/epoch: training only (validation excluded). Inference s: one full-ranking pass over the "
               "test users with the best weights (after a warm-up pass). Peak RSS includes the ~0.4 GB of torch "
               "and RecBole themselves."]
-    significance = _significance(frame, suite, metrics, out_dir / "per_user")
+    warm, cold = group_columns(frame, "warm"), group_columns(frame, "cold")
+    if warm or cold:
+        parts += ["## Warm and cold items (test, mean ± std over seeds)", _table(
+            ["label", "n", "cold items", "warm / cold targets"] + [_metric_name(c) for c in warm + cold],
+            [[label, len(g), _counts(g.cold_items), f"{_counts(g.warm_targets)} / {_counts(g.cold_targets)}"]
+             + [_mean_std(g[c]) for c in warm + cold] for label, g in groups]),
+                  "Warm targets: test interactions with an item that has training interactions; cold: with one "
+                  "of the items held out of training entirely (`cold_item_ratio`). Both rank all items. An "
+                  "ID-only model's cold items got no positive signal: it is the floor there."]
+    significance = _significance(frame, suite, metrics + cold, out_dir / "per_user")
     if significance:
         parts += [f"## Against {suite.reference}", significance]
     paper = _paper(frame, suite)

@@ -18,6 +18,14 @@ with three differences:
   dropped before the second, so graph models propagate inside the timed pass.
 
 The result is a JSON object (one CSV row) and an ``.npz`` of per-user test metrics.
+
+Cold-start runs (``cold_item_ratio`` set, :mod:`recbole_mm.data.cold_start`) add the test metrics
+on the interactions whose target item is warm (had training interactions) and on those whose
+target is cold, each ranking all items, from the best checkpoint: columns ``warm_<metric>`` and
+``cold_<metric>`` beside ``test_<metric>`` (e.g. ``warm_recall@20``, ``cold_recall@20``; ``nan``
+for a group without test interactions), plus ``cold_items`` (items held out of training) and
+``warm_targets`` / ``cold_targets`` (test interactions of each group). Other runs' rows have none
+of these columns.
 """
 
 import hashlib
@@ -38,6 +46,7 @@ from recbole.utils import init_logger
 
 import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
 from recbole_mm.benchmark.plan import Run, build_config, config_hash
+from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
 from recbole_mm.utils import build_data_and_model
 from recbole_mm.registry import get_trainer
 
@@ -121,6 +130,19 @@ def _peaks(device):
     return rss_mb, cuda_mb
 
 
+def _warm_cold_columns(trainer, test_data) -> dict:
+    """The cold-start columns of the row (module docstring), from the weights the trainer holds."""
+    dataset = test_data._dataset
+    is_cold = cold_targets(dataset)
+    report = evaluate_warm_cold(trainer, test_data)
+    columns = {"cold_items": len(dataset.cold_items), "warm_targets": int((~is_cold).sum()),
+               "cold_targets": int(is_cold.sum())}
+    metrics = next(v for v in report.values() if v is not None)  # a split has targets in some group
+    for group, result in report.items():
+        columns.update({f"{group}_{k}": float(result[k]) if result else float("nan") for k in metrics})
+    return columns
+
+
 def run(spec: Run) -> dict:
     """Train and test one run; returns the CSV row and the per-user test metrics."""
     config = build_config(spec)
@@ -147,6 +169,8 @@ def _train_and_test(spec: Run, config) -> dict:
     _, best_valid = trainer.fit(train_data, valid_data, show_progress=config["show_progress"],
                                                callback_fn=lambda epoch, score: validated.append(epoch))
     test_result = trainer.evaluate(test_data, load_best_model=True)
+    # before the timed pass: the per-user metrics are those of the last evaluation, all test users
+    warm_cold = _warm_cold_columns(trainer, test_data) if config["cold_item_ratio"] else {}
     _drop_eval_caches(model)
     start = _clock(config["device"])
     trainer.evaluate(test_data, load_best_model=False)
@@ -167,6 +191,7 @@ def _train_and_test(spec: Run, config) -> dict:
         "test_users": len(trainer.eval_collector.users), "run_s": time.perf_counter() - started,
         **{f"valid_{k}": float(v) for k, v in (best_valid or {}).items()},
         **{f"test_{k}": float(v) for k, v in test_result.items()},
+        **warm_cold,
     }
     return {"row": row, "per_user": {"user_id": trainer.eval_collector.users, **trainer.per_user_metrics()}}
 

@@ -91,17 +91,22 @@ def _cat(a, b):
     return cat_interactions([a, b]) if len(b) else a
 
 
+def cold_targets(dataset) -> torch.Tensor:
+    """Per interaction of ``dataset`` (a part of a cold-start split): is its target item cold?"""
+    cold = getattr(dataset, "cold_items", None)
+    if cold is None:
+        raise ValueError("the dataset has no cold items: set cold_item_ratio (and cold_seed) in the config")
+    return torch.isin(dataset.inter_feat[dataset.iid_field], cold)
+
+
 def evaluate_warm_cold(trainer, eval_data, load_best_model=False):
     """``{"warm": metrics, "cold": metrics}`` of ``trainer`` on the interactions of ``eval_data``
     (a full-ranking loader) whose target item is warm, resp. cold; ``None`` for a group without
     interactions. Both rank all items with the same history masks as ``eval_data``."""
     dataset = eval_data._dataset
-    cold = getattr(dataset, "cold_items", None)
-    if cold is None:
-        raise ValueError("the dataset has no cold items: set cold_item_ratio (and cold_seed) in the config")
     if not isinstance(eval_data, FullSortEvalDataLoader):
         raise ValueError("the warm/cold report ranks all items: it needs a full-sort evaluation loader")
-    is_cold = torch.isin(dataset.inter_feat[dataset.iid_field], cold)
+    is_cold = cold_targets(dataset)
     report = {}
     for name, rows in (("warm", ~is_cold), ("cold", is_cold)):
         if not rows.any():
