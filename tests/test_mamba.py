@@ -119,6 +119,27 @@ def test_gradients_reach_every_parameter():
     assert enc.layers[0].alpha.item() == 1.0  # learnable scale starts at 1
 
 
+def test_encoder_under_cpu_autocast_runs_the_scan_in_float32():
+    # RecBole's enable_amp is torch.autocast, bfloat16 on a CPU: the projections then arrive in
+    # bfloat16 beside a float32 conv path. The scan must take them in float32 (the compiled
+    # kernel read bfloat16 buffers as float32 and corrupted the heap) and match float32 closely
+    torch.manual_seed(0)
+    enc = MambaEncoder(2, 16, d_state=4, dropout=0.0, backend="torch")
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    ref = enc(x)
+    ref_grad = torch.autograd.grad(ref.pow(2).sum(), x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(x)
+    grad = torch.autograd.grad(out.float().pow(2).sum(), x)[0]
+    assert out.isfinite().all() and grad.isfinite().all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(grad, ref_grad, rtol=0.1, atol=0.1)
+    if scan_kernel.available():  # the kernel itself refuses what it cannot read
+        u, delta, A, B, C, _ = _scan_inputs(torch.float32)
+        with pytest.raises(ValueError, match="contiguous float32 CPU tensors, got torch.bfloat16"):
+            scan_kernel.forward(u, delta.bfloat16(), A, B, C)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and mamba_mod._import_selective_scan_cuda()[0] is not None,
                     reason="mamba_ssm runs here")
 def test_cuda_backend_where_it_cannot_run_raises_a_reasoned_error():

@@ -187,6 +187,11 @@ def selective_scan(u, delta, A, B, C, D, kernel: Optional[bool] = None):
     chunked doubling scan (9.1 s): on a CPU the extra work of a parallel scan costs more than the
     sequential steps it removes. ``benchmarks/findrec_speed.py`` re-measures against ``mambapy``.
     """
+    # under autocast (RecBole's enable_amp: bfloat16 on a CPU) the projections arrive in bfloat16
+    # while the conv path is float32; the recurrence runs in float32, as mamba-ssm's kernels do
+    # (float64 stays float64); the casts are autograd ops, so gradients return in each input's dtype
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C, D = (x.to(dtype) for x in (u, delta, A, B, C, D))
     if kernel is None:
         kernel = kernel_runs_on(u)
     elif kernel and not kernel_runs_on(u):

@@ -120,9 +120,18 @@ def _run_sliced(batch: int, work) -> None:
         future.result()
 
 
+def _check(*tensors) -> None:
+    """The C code reads raw float32 buffers: anything else would be read out of bounds."""
+    for x in tensors:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            raise ValueError(f"the compiled scan takes contiguous float32 CPU tensors, got {x.dtype} on {x.device}"
+                             f"{'' if x.is_contiguous() else ' (not contiguous)'}")
+
+
 def forward(u, delta, A, B, C) -> torch.Tensor:
     """``y_t = C_t h_t`` for contiguous float32 CPU tensors ``u, delta: [b, l, d]``, ``A: [d, n]``,
     ``B, C: [b, l, n]`` (no ``D`` term)."""
+    _check(u, delta, A, B, C)
     lib = load()[0]
     batch, length, d = u.shape
     n = A.shape[1]
@@ -141,6 +150,7 @@ def forward(u, delta, A, B, C) -> torch.Tensor:
 def backward(u, delta, A, B, C, dy):
     """Gradients ``(d_u, d_delta, d_A, d_B, d_C)`` of ``sum(dy * y)`` (same layout as
     :func:`forward`; ``d_u`` without the ``D`` term). States are recomputed slice by slice."""
+    _check(u, delta, A, B, C, dy)
     lib = load()[0]
     batch, length, d = u.shape
     n = A.shape[1]
