@@ -85,6 +85,56 @@ def test_folded_dream_equals_the_direct_computation(map_shape):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("map_shape", [None, [48, 1, 1]])
+def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape):
+    """_GatedMerge in blocks of 3 items (the last one shorter): output and every gradient as the
+    direct computation's."""
+    from recbole_mm.model.layers import dream as dream_mod
+
+    torch.manual_seed(1)
+    dream = DREAM(48, 16, map_shape=map_shape)
+    c, h, w = dream.map_shape
+    monkeypatch.setattr(dream_mod, "_BLOCK_VALUES", 3 * h * w * 5 * dream.point.out_channels)
+    assert len(dream_mod._blocks(50, h * w * 5 * dream.point.out_channels, torch.device("cpu"))) == 17
+    with torch.no_grad():
+        dream.spatial_att[0].bias += 0.9  # at initialisation M_c >= M_s nearly everywhere; let both gates win
+    x = torch.randn(50, 48, requires_grad=True)
+    expected, _, m_c, m_s = _direct_dream(dream, x)
+    assert 0.2 < (m_c >= m_s).float().mean() < 0.8
+    out = dream(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *dream.parameters()])
+    ref = torch.autograd.grad(expected.pow(2).sum(), [x, *dream.parameters()])
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_gated_merge_gives_tied_gates_gradient_to_channel_attention():
+    """Eq. 6 with M_c >= M_s picking M_c: where the gates tie, M_c gets the gradient, as autograd's
+    where(M_c >= M_s, M_c, M_s) would give it (float64, ties forced by gates on a grid of quarters)."""
+    from recbole_mm.model.layers.dream import _GatedMerge
+
+    g = torch.Generator().manual_seed(3)
+    n, d, p, k, c = 9, 5, 4, 6, 2
+    x, weight = torch.randn(n, d, generator=g), torch.randn(d, p * k, generator=g)
+    bias = torch.randn(p * k, generator=g)
+    m_c = torch.randint(1, 4, (n, k), generator=g) / 4.0
+    m_s = torch.randint(1, 4, (n, p), generator=g) / 4.0
+    merge_w = torch.randn(c, k, generator=g)
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias, m_c, m_s, merge_w)]
+    assert (inputs[3][:, None, :] == inputs[4][:, :, None]).sum() > 20  # many ties
+    x, weight, bias, m_c, m_s, merge_w = inputs
+    gate = torch.where(m_c[:, None, :] >= m_s[:, :, None], m_c[:, None, :], m_s[:, :, None])
+    expected = ((x @ weight + bias).view(n, p, k) * gate) @ merge_w.T
+    out = _GatedMerge.apply(*inputs)
+    assert torch.allclose(out, expected)
+    upstream = torch.randn(n, p, c, generator=g).double()
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    ref = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b)
+
+
 def test_dream_fusion_scales_the_signed_map_by_the_larger_gate():
     """Eq. 6: F * max(M_c, M_s); where F < 0 the literal max(F M_c, F M_s) would take the smaller gate."""
     torch.manual_seed(0)
@@ -504,3 +554,44 @@ def test_switched_off_alignment_terms_are_not_computed(planted, monkeypatch):
     _, cl, mmd, _ = model.calculate_loss(batch)
     assert mmd.item() == 0 and cl.item() > 0
     assert len(calls) == 2  # side vs content, items and users; none between modality views
+
+
+def _reference_mmd(mmd, x, y):
+    """Unbiased MMD^2 through autograd from the distance form of the kernel (the reference for
+    MMDLoss's hand-written backward)."""
+    def kernel(a, b):
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * s**2)) for s in mmd.bandwidth)
+
+    def off_diagonal_mean(k):
+        return (k.sum() - k.diagonal().sum()) / (k.shape[0] * (k.shape[0] - 1))
+
+    return off_diagonal_mean(kernel(x, x)) + off_diagonal_mean(kernel(y, y)) - 2 * off_diagonal_mean(kernel(x, y))
+
+
+def test_fast_paths_give_the_reference_loss_and_gradients(planted, monkeypatch):
+    """The whole training step with the blockwise DREAM and the hand-written MMD backward against the
+    direct DREAM and an autograd MMD: the same four loss terms and the same gradient of every parameter."""
+    from recbole_mm.model.loss.mmd import MMDLoss
+
+    model, train = _model(planted)
+    model.train()
+    batch = next(iter(train))
+
+    def step():
+        torch.manual_seed(7)  # the same dropout masks
+        model.zero_grad()
+        losses = model.calculate_loss(batch)
+        sum(losses).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.stack(losses).detach(), grads
+
+    losses, grads = step()
+    monkeypatch.setattr(DREAM, "forward", lambda self, x: _direct_dream(self, x)[0])
+    monkeypatch.setattr(MMDLoss, "forward", _reference_mmd)
+    ref_losses, ref_grads = step()
+    assert losses[2] != 0 and torch.allclose(losses, ref_losses, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().clamp_min(1e-8)
+        assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-4, name

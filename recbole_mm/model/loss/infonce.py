@@ -31,6 +31,7 @@ class InfoNCELoss(nn.Module):
         if a.shape != b.shape:
             raise ValueError(
                 f"InfoNCE needs two views of the same items, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / self.temperature
+        # 1/tau on the n rows of a rather than on the n x n logits
+        logits = (F.normalize(a, dim=-1) / self.temperature) @ F.normalize(b, dim=-1).T
         # cross-entropy with the diagonal as target == eq. 10 (log-sum-exp is the stable form)
         return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))

@@ -5,7 +5,7 @@ bandwidth computed from the data (:func:`median_bandwidth`) is detached, so it a
 constant scale and not as something the model can shrink to cheat the loss.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,21 +54,34 @@ def gaussian_kernel_from_sq_dists(d2: torch.Tensor, bandwidth: Bandwidth) -> tor
     return out
 
 
-def gaussian_kernel(x: torch.Tensor, y: Optional[torch.Tensor] = None, bandwidth: Bandwidth = 1.0) -> torch.Tensor:
+def gaussian_kernel(x: torch.Tensor, y: Optional[torch.Tensor] = None, bandwidth: Bandwidth = 1.0,
+                    slope: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, float]]]:
     """Gram matrix ``K[i, j] = sum_s exp(-||x_i - y_j||^2 / (2 s^2))`` for ``x: [n, d]``, ``y: [m, d]``.
 
-    The exponent ``-||x_i - y_j||^2 / 2 = x_i . y_j - |x_i|^2 / 2 - |y_j|^2 / 2`` comes out of one
-    ``addmm`` (clamped at 0 against rounding), then one scaling and one ``exp`` per bandwidth: fewer
-    passes over the ``[n, m]`` matrix than distances first (MambaRec's MMD on ~1400 items: 0.17 s
-    instead of 0.22 s forward + backward, one thread)."""
+    With ``slope`` also ``(S, c)``, the derivative in the exponent ``E = -||x_i - y_j||^2 / 2`` being
+    ``dK/dE = sum_s exp(E / s^2) / s^2 = c S``, for a hand-written backward pass
+    (:mod:`recbole_mm.model.loss.mmd`); with one bandwidth ``S`` is ``K`` itself (``c = 1 / s^2``).
+
+    The scaled exponent ``E / s^2 = (x_i . y_j - |x_i|^2 / 2 - |y_j|^2 / 2) / s^2`` comes out of one
+    matrix product (clamped at 0 against rounding), then one ``exp`` per bandwidth: fewer passes over
+    the ``[n, m]`` matrix than distances first (MambaRec's MMD on ~1400 items: 0.17 s instead of 0.22 s
+    forward + backward, one thread)."""
     y = x if y is None else y
-    bw = _as_bandwidths(bandwidth, x)
-    half_sq = (-0.5 * x.pow(2).sum(-1))[:, None] - 0.5 * y.pow(2).sum(-1)[None, :]
-    exponent = torch.addmm(half_sq, x, y.T).clamp_max(0.0)
-    out = torch.exp(exponent / bw[0].pow(2))
-    for s in bw[1:]:
-        out = out + torch.exp(exponent / s.pow(2))
-    return out
+    inv_sq = _as_bandwidths(bandwidth, x).pow(-2).tolist()
+    # [x, -|x|^2/2, 1] . [y, 1, -|y|^2/2] = E: the squared norms ride in the product, no [n, m] pass for them
+    ones_x, ones_y = x.new_ones(x.shape[0], 1), y.new_ones(y.shape[0], 1)
+    left = torch.cat([x, -0.5 * x.pow(2).sum(-1, keepdim=True), ones_x], 1) * inv_sq[0]
+    right = torch.cat([y, ones_y, -0.5 * y.pow(2).sum(-1, keepdim=True)], 1)
+    scaled = (left @ right.T).clamp_max(0.0)  # E / s_0^2
+    out = torch.exp(scaled)
+    if len(inv_sq) == 1:
+        return (out, (out, inv_sq[0])) if slope else out
+    d_out = out * inv_sq[0]
+    for w in inv_sq[1:]:
+        term = torch.exp(scaled * (w / inv_sq[0]))
+        out = out + term
+        d_out = d_out + term * w
+    return (out, (d_out, 1.0)) if slope else out
 
 
 def paired_gaussian_kernel(x: torch.Tensor, y: torch.Tensor, bandwidth: Bandwidth = 1.0) -> torch.Tensor:

@@ -15,17 +15,23 @@ the two distributions are equal. We use the unbiased U-statistic (Gretton et al.
 
 Either way ``E[MMD^2_u] = 0`` exactly when both samples come from one distribution (single
 estimates may then be slightly negative).
+
+Cost. The estimate is ``sum_ij W_ij k(a_i, b_j)`` over three kernel matrices with constant weights
+``W``, and a Gaussian kernel's gradient is ``dk(a_i, b_j)/da_i = k'_ij (b_j - a_i)`` with ``k' = dk/dE``,
+``E = -||a_i - b_j||^2 / 2``: :class:`_UnbiasedMMD` keeps ``W * k'`` of each matrix from the forward
+pass and its backward is one matrix product per matrix and side plus row / column sums, instead of
+autograd's way back through the sums, the diagonal, the ``exp``, the scaling and the distances
+(MambaRec's MMD on ~1700 items of 64 values, forward + backward, one thread: 0.07 s instead of 0.15 s).
+The clamp of ``E`` at 0 against rounding is no step in that backward: it acts only where two points
+coincide up to rounding, where ``k'_ij (b_j - a_i)`` is zero to the same precision.
 """
+
+from typing import List
 
 import torch
 from torch import nn
 
 from recbole_mm.model.loss.kernels import Bandwidth, gaussian_kernel
-
-
-def _off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
-    n = k.shape[0]
-    return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
 
 class MMDLoss(nn.Module):
@@ -49,8 +55,39 @@ class MMDLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < 2 or y.shape[0] < 2:
             raise ValueError(f"unbiased MMD needs at least 2 samples per side, got {x.shape[0]} and {y.shape[0]}")
-        k_xx = gaussian_kernel(x, bandwidth=self.bandwidth)
-        k_yy = gaussian_kernel(y, bandwidth=self.bandwidth)
-        k_xy = gaussian_kernel(x, y, bandwidth=self.bandwidth)
-        cross = _off_diagonal_mean(k_xy) if x.shape[0] == y.shape[0] else k_xy.mean()
-        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2.0 * cross
+        return _UnbiasedMMD.apply(x, y, self.bandwidth)
+
+
+class _UnbiasedMMD(torch.autograd.Function):
+    """``MMD^2_u(x, y)`` (module docstring) with its gradient written out ("Cost")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, bandwidth: List[float]) -> torch.Tensor:
+        n, m = x.shape[0], y.shape[0]
+        paired = n == m
+        value = x.new_zeros(())
+        slopes, ctx.scales = [], []
+        # (a, b, weight of each term, whether the diagonal is left out): eq. 3 when paired, Lemma 6 otherwise
+        for a, b, weight, off_diagonal in ((x, x, 1 / (n * (n - 1)), True), (y, y, 1 / (m * (m - 1)), True),
+                                           (x, y, -2 / (n * (n - 1)) if paired else -2 / (n * m), paired)):
+            kernel, (slope, scale) = gaussian_kernel(a, b, bandwidth, slope=True)  # k' = scale * slope
+            if off_diagonal:
+                kernel.diagonal().zero_()
+                slope.diagonal().zero_()  # often the same tensor
+            value += weight * kernel.sum()
+            slopes.append(slope)
+            ctx.scales.append(weight * scale)
+        ctx.save_for_backward(x, y, *slopes)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, s_xx, s_yy, s_xy = ctx.saved_tensors
+        c_xx, c_yy, c_xy = 2 * ctx.scales[0], 2 * ctx.scales[1], ctx.scales[2]
+        # d/da_i sum_j W_ij k(a_i, b_j) = sum_j W_ij k'_ij (b_j - a_i), W k' = c S; a within-sample
+        # matrix is symmetric and each point sits on both of its sides (factor 2 in c_xx, c_yy)
+        grad_x = (torch.addmm(s_xy @ y, s_xx, x, beta=c_xy, alpha=c_xx)
+                  - (c_xx * s_xx.sum(1, keepdim=True) + c_xy * s_xy.sum(1, keepdim=True)) * x)
+        grad_y = (torch.addmm(s_xy.T @ x, s_yy, y, beta=c_xy, alpha=c_yy)
+                  - (c_yy * s_yy.sum(1, keepdim=True) + c_xy * s_xy.sum(0)[:, None]) * y)
+        return grad * grad_x, grad * grad_y, None
