@@ -130,6 +130,26 @@ def test_shards_split_the_plan_and_share_one_results_file(planted, tmp_path):
     assert len(finished_keys(csv_path)) == 50 and len(_rows(tmp_path)) == 50
 
 
+def test_a_run_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypatch):
+    # processes sharing --out read results.csv before each run, not only at their start
+    from recbole_mm.benchmark import cli
+    from recbole_mm.benchmark.plan import Run
+
+    runs = [Run("A", "A", "d", 2020, 2020, (), {}, "h"), Run("B", "B", "d", 2020, 2020, (), {}, "h")]
+    launched = []
+
+    def fake_launch(run, out, verbose, context):
+        launched.append(run.model)
+        if run.model == "A":  # meanwhile another process finishes B
+            append_row(out / "results.csv", {"model": "B", "seed": 2020, "config_hash": "h", "label": "B"})
+        return {"run_s": 1.0, "best_epoch": 1, "model": run.model, "seed": run.seed, "config_hash": run.config_hash}
+
+    monkeypatch.setattr(cli, "launch", fake_launch)
+    monkeypatch.setattr(cli, "_worker_context", lambda: None)
+    assert cli.execute(runs, tmp_path) == []
+    assert launched == ["A"] and len(finished_keys(tmp_path / "results.csv")) == 2
+
+
 def test_quick_slice_keeps_the_first_users_and_links_the_rest(planted, tmp_path):
     root, name = planted
     target = first_users_slice(Path(root) / name, tmp_path / "slice", 7) / name

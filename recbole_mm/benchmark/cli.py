@@ -133,12 +133,14 @@ def _log_tail(out: Path, run: Run, lines: int = 15) -> str:
 
 
 def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
-    """Run every planned run whose key is not in ``<out>/results.csv``; returns the failed ones."""
+    """Run every planned run whose key is not in ``<out>/results.csv``; returns the failed ones.
+
+    The file is read again before each run: other processes with the same ``--out`` (shards, or a
+    second suite sharing runs) may have finished it meanwhile."""
     csv_path, start, failed, context = out / "results.csv", time.perf_counter(), [], _worker_context()
-    done = finished_keys(csv_path)
     for i, run in enumerate(runs, 1):
         name = f"{run.label} seed={run.seed} [{run.config_hash}]"
-        if run.key in done:
+        if run.key in finished_keys(csv_path):
             print(f"[{i}/{len(runs)} {_elapsed(start)}] skip  {name}: already in {csv_path.name}", flush=True)
             continue
         print(f"[{i}/{len(runs)} {_elapsed(start)}] start {name}", flush=True)
@@ -149,7 +151,6 @@ def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
                   f"{_log_tail(out, run)}", flush=True)
             continue
         append_row(csv_path, {**row, "label": run.label})
-        done.add(run.key)
         shown = ", ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("test_") and k != "test_users")
         print(f"[{i}/{len(runs)} {_elapsed(start)}] done  {name} in {row['run_s']:.1f}s: {shown}; "
               f"best epoch {row['best_epoch']}", flush=True)
