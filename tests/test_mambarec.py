@@ -76,9 +76,13 @@ def test_folded_dream_equals_the_direct_computation(map_shape):
     expected, fused, _, _ = _direct_dream(dream, x)
     weight, bias = dream.affine_branches(x)
     assert torch.allclose((x @ weight.flatten(1) + bias.flatten()).view_as(fused), fused, atol=1e-5)
+    _assert_same_output_and_gradients(dream, x, expected)
+
+
+def _assert_same_output_and_gradients(dream, x, expected):
+    """``dream(x)`` equals ``expected``, and so do the gradients of every parameter and of ``x``."""
     out = dream(x)
     assert torch.allclose(out, expected, atol=1e-5)
-    # the same gradients too (every parameter, and the input)
     grads = torch.autograd.grad(out.pow(2).sum(), [x, *dream.parameters()])
     ref = torch.autograd.grad(expected.pow(2).sum(), [x, *dream.parameters()])
     for a, b in zip(grads, ref):
@@ -101,12 +105,7 @@ def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape):
     x = torch.randn(50, 48, requires_grad=True)
     expected, _, m_c, m_s = _direct_dream(dream, x)
     assert 0.2 < (m_c >= m_s).float().mean() < 0.8
-    out = dream(x)
-    assert torch.allclose(out, expected, atol=1e-5)
-    grads = torch.autograd.grad(out.pow(2).sum(), [x, *dream.parameters()])
-    ref = torch.autograd.grad(expected.pow(2).sum(), [x, *dream.parameters()])
-    for a, b in zip(grads, ref):
-        assert torch.allclose(a, b, atol=1e-5)
+    _assert_same_output_and_gradients(dream, x, expected)
 
 
 def test_gated_merge_gives_tied_gates_gradient_to_channel_attention():
