@@ -332,8 +332,8 @@ def test_feature_logits_score_candidates_from_their_features(planted3):
         for stream in model.streams:
             stream.features[outside] += 1.0
         if model.item_tower is not None:
-            for k in range(len(model.item_tower.maps)):
-                getattr(model.item_tower, f"feature_{k}")[outside] += 1.0
+            for k in range(len(model.item_tower.projection.maps)):
+                getattr(model.item_tower.projection, f"feature_{k}")[outside] += 1.0
         after = model.full_sort_predict(batch)
         others = torch.arange(model.n_items) != outside
         torch.testing.assert_close(after[:, others], before[:, others])
@@ -342,7 +342,7 @@ def test_feature_logits_score_candidates_from_their_features(planted3):
         assert scorer.name == "full_sort_embeddings"
     model.train()
     sum(model.calculate_loss(next(iter(train)))).backward()
-    assert all(m.weight.grad.abs().sum() > 0 for m in model.item_tower.maps)
+    assert all(m.weight.grad.abs().sum() > 0 for m in model.item_tower.projection.maps)
 
 
 def test_switches_and_modality_counts(planted3, caplog):

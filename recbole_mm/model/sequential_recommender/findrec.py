@@ -14,7 +14,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_mm.model.layers.dropout import Dropout
-from recbole_mm.model.layers.item_features import ItemFeatureProjection, dataset_features
+from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, dataset_features
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
@@ -143,15 +143,16 @@ class FindRec(SequentialRecommender):
         self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
         self.loss_fct = nn.CrossEntropyLoss()
-        # the candidates' feature part: bias-free maps, so the padding item and missing views add 0
-        self.item_tower = ItemFeatureProjection(dataset_features(dataset, "FindRec"), emb) \
+        # the candidates E_item + sum_m V_m f_m over the same ID table (the ID stream's inputs stay
+        # ID-only); bias-free maps, so the padding item and missing views add 0
+        self.item_tower = ItemFeatureEmbedding(self.item_embedding, dataset_features(dataset, "FindRec")) \
             if config["feature_logits"] else None
 
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         if self.item_tower is not None:
-            for linear in self.item_tower.maps:
+            for linear in self.item_tower.projection.maps:
                 nn.init.normal_(linear.weight, std=0.02)
 
     def _cross_pairs(self, cross_pairs: Optional[Sequence[Sequence[str]]]) -> List[Tuple[int, int]]:
@@ -252,17 +253,11 @@ class FindRec(SequentialRecommender):
     def item_table(self) -> torch.Tensor:
         """The candidates ``[n_items, embedding_size]``: ``E_item`` (eq. 4), plus the projected
         features with ``feature_logits``."""
-        if self.item_tower is None:
-            return self.item_embedding.weight
-        return self.item_embedding.weight + sum(self.item_tower.all_items())
+        return (self.item_tower or self.item_embedding).weight
 
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        items = interaction[self.ITEM_ID]
-        candidates = self.item_embedding(items)
-        if self.item_tower is not None:
-            candidates = candidates + sum(self.item_tower(items))
-        return (seq_output * candidates).sum(-1)
+        return (seq_output * (self.item_tower or self.item_embedding)(interaction[self.ITEM_ID])).sum(-1)
 
     def full_sort_embeddings(self, interaction):
         """``(S [B, d], candidates [n_items, d])`` with ``full_sort_predict = S @ candidates.T``
