@@ -213,3 +213,13 @@ def test_cuda_branch_passes_mamba_ssm_its_arguments(monkeypatch):
     layer._scan_cuda = selective_scan_reference
     monkeypatch.setattr(Mamba, "_use_cuda_kernel", lambda self, x: True)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_row_blocks_cover_the_rows_once_in_cache_sized_slices():
+    from recbole_mm.model.layers.blocks import row_blocks
+    cpu = torch.device("cpu")
+    blocks = row_blocks(10, 3, 7, cpu)  # 7 // 3 = 2 rows a block
+    assert blocks == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    assert row_blocks(5, 100, 7, cpu) == [slice(i, i + 1) for i in range(5)]  # at least one row
+    assert row_blocks(0, 3, 7, cpu) == []
+    assert row_blocks(10, 3, 7, torch.device("meta")) == [slice(0, 10)]  # not a CPU: one pass

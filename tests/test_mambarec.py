@@ -94,12 +94,13 @@ def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape):
     """_GatedMerge in blocks of 3 items (the last one shorter): output and every gradient as the
     direct computation's."""
     from recbole_mm.model.layers import dream as dream_mod
+    from recbole_mm.model.layers.blocks import row_blocks
 
     torch.manual_seed(1)
     dream = DREAM(48, 16, map_shape=map_shape)
     c, h, w = dream.map_shape
     monkeypatch.setattr(dream_mod, "_BLOCK_VALUES", 3 * h * w * 5 * dream.point.out_channels)
-    assert len(dream_mod._blocks(50, h * w * 5 * dream.point.out_channels, torch.device("cpu"))) == 17
+    assert len(row_blocks(50, h * w * 5 * dream.point.out_channels, dream_mod._BLOCK_VALUES, torch.device("cpu"))) == 17
     with torch.no_grad():
         dream.spatial_att[0].bias += 0.9  # at initialisation M_c >= M_s nearly everywhere; let both gates win
     x = torch.randn(50, 48, requires_grad=True)

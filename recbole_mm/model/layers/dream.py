@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_mm.model.layers.blocks import row_blocks
+
 logger = logging.getLogger(__name__)
 
 MapShape = Tuple[int, int, int]
@@ -195,7 +197,7 @@ class _GatedMerge(torch.autograd.Function):
         ctx.save_for_backward(x1, wb, m_c, m_s, merge_w)
         n, p, k = x.shape[0], m_s.shape[1], m_c.shape[1]
         out = x.new_empty(n, p, merge_w.shape[0])
-        for rows in _blocks(n, p * k, x1.device):
+        for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
             fused = torch.mm(x1[rows], wb).view(-1, p, k)
             # eq. 6: the larger gate scales the signed F
             fused.mul_(torch.maximum(m_c[rows, None, :], m_s[rows, :, None]))
@@ -210,7 +212,7 @@ class _GatedMerge(torch.autograd.Function):
         grad_x, grad_m_c, grad_m_s = x1.new_empty(n, x1.shape[1] - 1), torch.empty_like(m_c), torch.empty_like(m_s)
         grad_wb, grad_merge = torch.zeros_like(wb), torch.zeros_like(merge_w)
         weight_t = wb[:-1].T
-        for rows in _blocks(n, p * k, x1.device):
+        for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
             fused = torch.mm(x1[rows], wb).view(-1, p, k)
             c, s = m_c[rows, None, :], m_s[rows, :, None]
             gate = torch.maximum(c, s)
@@ -226,10 +228,3 @@ class _GatedMerge(torch.autograd.Function):
             torch.sum(to_s, 2, out=grad_m_s[rows])
             torch.sum(grad_gate.sub_(to_s), 1, out=grad_m_c[rows])
         return grad_x, grad_wb[:-1], grad_wb[-1], grad_m_c, grad_m_s, grad_merge
-
-
-def _blocks(n: int, values_per_row: int, device: torch.device):
-    """Slices of ``range(n)``, about ``_BLOCK_VALUES`` values of ``F`` each on the CPU; one slice
-    elsewhere (a GPU has no such cache to fit, and many small kernels would cost launches)."""
-    size = max(1, _BLOCK_VALUES // values_per_row) if device.type == "cpu" else max(n, 1)
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_mm.model.layers import scan_kernel
+from recbole_mm.model.layers.blocks import row_blocks
 from recbole_mm.model.layers.dropout import Dropout
 
 BACKENDS = ("auto", "cuda", "torch")
@@ -102,7 +103,7 @@ class _SelectiveScan(torch.autograd.Function):
             return scan_kernel.forward(*(x.contiguous() for x in (u, delta, A, B, C))) + u * D
         u_t, delta_t, B_t, C_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C))
         y = torch.empty_like(u_t)
-        for rows in _batch_chunks(u_t.shape, A.shape[1], u.device):
+        for rows in _batch_blocks(u_t.shape, A.shape[1], u.device):
             states = _scan_states(u_t[:, rows], delta_t[:, rows], A, B_t[:, rows])[1]
             torch.matmul(states, C_t[:, rows].unsqueeze(-1), out=y[:, rows].unsqueeze(-1))
         return y.transpose(0, 1) + u * D
@@ -118,7 +119,7 @@ class _SelectiveScan(torch.autograd.Function):
         u_t, delta_t, B_t, C_t, dy_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C, dy))
         d_u, d_delta, d_B, d_C = (torch.empty_like(x) for x in (u_t, delta_t, B_t, C_t))
         d_A = torch.zeros_like(A)
-        for rows in _batch_chunks(u_t.shape, A.shape[1], u.device):
+        for rows in _batch_blocks(u_t.shape, A.shape[1], u.device):
             uc, dc, Bc, Cc, dyc = u_t[:, rows], delta_t[:, rows], B_t[:, rows], C_t[:, rows], dy_t[:, rows]
             decay, states = _scan_states(uc, dc, A, Bc)
             g = dyc.unsqueeze(-1) * Cc.unsqueeze(2)  # dL/dh_t, accumulated from the last step back
@@ -139,15 +140,11 @@ class _SelectiveScan(torch.autograd.Function):
                 d_C.transpose(0, 1), d_D, None)
 
 
-def _batch_chunks(shape, d_state, device):
+def _batch_blocks(shape, d_state, device):
     """Slices of the batch axis of a time-major ``[l, b, d]`` tensor, each about
-    ``_SCAN_BLOCK_ELEMENTS`` elements once expanded by ``d_state`` on a CPU (cache-sized blocks);
-    on a GPU one slice, since every chunk costs a kernel launch per op and step."""
+    ``_SCAN_BLOCK_ELEMENTS`` elements once expanded by ``d_state``."""
     length, batch, d_inner = shape
-    if device.type != "cpu":
-        return [slice(0, batch)]
-    size = max(1, _SCAN_BLOCK_ELEMENTS // (length * d_inner * d_state))
-    return [slice(start, start + size) for start in range(0, batch, size)]
+    return row_blocks(batch, length * d_inner * d_state, _SCAN_BLOCK_ELEMENTS, device)
 
 
 def kernel_runs_on(x: torch.Tensor) -> bool:
