@@ -109,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=DEFAULT_TEXT_ENCODER,
                    help="sentence-transformers model: local path or hub name "
                         f"(default {DEFAULT_TEXT_ENCODER}, offline)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", type=Path, help="output folder (default: the dataset folder)")
-    p.add_argument("--force", action="store_true", help="replace a feature file that is not our cache")
+    _output_args(p, batch_size=64, force="replace a feature file that is not our cache")
     p.set_defaults(run=cmd_text)
 
     p = sub.add_parser("images", help="<m>_feat.npy + <m>_mask.npy from a folder of item images")
@@ -123,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean/std of the model's training (default imagenet; clip for CLIP)")
     p.add_argument("--size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--modality", default="image", help="writes <modality>_feat.npy (default image)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", type=Path, help="output folder (default: the dataset folder)")
-    p.add_argument("--force", action="store_true", help="replace existing feature/mask files")
+    _output_args(p, batch_size=32, force="replace existing feature/mask files")
     p.set_defaults(run=cmd_images)
 
     p = sub.add_parser("stats", help="check a dataset folder and print its statistics")
@@ -135,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(run=cmd_stats)
     return parser
+
+
+def _output_args(p, batch_size: int, force: str) -> None:
+    """The options every feature encoder takes: its batch, where the files go, overwriting."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--out", type=Path, help="output folder (default: the dataset folder)")
+    p.add_argument("--force", action="store_true", help=force)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
