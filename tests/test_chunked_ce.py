@@ -11,7 +11,7 @@ from conftest import TINY
 from recbole_mm import Config
 from recbole_mm.quick_start.quick_start import build_data_and_model
 from recbole_mm.registry import get_trainer
-from recbole_mm.trainer.chunked_ce import chunked_cross_entropy
+from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
 from recbole_mm.trainer.scale import with_scale_hooks
 
 

@@ -482,3 +482,31 @@ def test_training_through_quick_start_beats_untrained_and_popularity(planted3):
     print(f"planted NDCG@10: FindRec {trained:.4f}, untrained {untrained_ndcg:.4f}, Pop {popular:.4f}")
     assert trained > untrained_ndcg + 0.1, (trained, untrained_ndcg)
     assert trained > popular + 0.1, (trained, popular)
+
+
+@pytest.mark.parametrize("feature_logits", [False, True])
+def test_ce_item_chunk_gives_the_same_loss_terms_and_gradients(planted3, feature_logits, caplog):
+    """With ``ce_item_chunk`` FindRec computes its CE term over item slices (no [batch, n_items]
+    logits) and keeps IICM: every term and every parameter's gradient as without it; the trainer
+    does not replace its loss."""
+    from recbole_mm.registry import get_trainer
+
+    losses, grads = [], []
+    for chunk in (None, 7):
+        model, train = _model(planted3, feature_logits=feature_logits, ce_item_chunk=chunk)
+        model.eval()  # no dropout: the two passes see the same network
+        batch = next(iter(train))
+        terms = model.calculate_loss(batch)
+        sum(terms).backward()
+        losses.append(torch.stack(terms))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "item_embedding.weight" in grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+    config, *_ = _prepare(planted3, ce_item_chunk=7, epochs=1)
+    trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+    with caplog.at_level(logging.INFO):
+        trainer._use_chunked_ce(train, 7)
+    assert "FindRec computes its cross-entropy in slices of 7 items" in caplog.text
+    assert "calculate_loss" not in vars(model)

@@ -2,7 +2,7 @@
 
 RecBole's sequential models with ``loss_type: CE`` compute ``logits = seq_output @ E.T`` over all
 items; at a million items and batch 2048 those logits (and their gradient) take 8 GB each.
-:func:`chunked_cross_entropy` gives the same loss and the same gradients (up to float rounding)
+:func:`~recbole_mm.model.loss.chunked_ce.chunked_cross_entropy` gives the same loss and the same gradients (up to float rounding)
 from ``eval``-sized slices of the item table: the forward pass keeps a running log-sum-exp per
 row, the backward pass recomputes each slice's softmax. Peak memory is ``batch x ce_item_chunk``
 floats instead of ``batch x n_items``; it costs a second matrix product per slice in backward.
@@ -11,47 +11,19 @@ floats instead of ``batch x n_items``; it costs a second matrix product per slic
 swaps it in for a model whose loss is exactly that cross-entropy: a model with the
 ``sequence_output`` form of :mod:`recbole_mm.evaluation.scorers` (``forward(item_seq,
 item_seq_len)`` and ``item_embedding``), checked at the start of ``fit`` against the model's own
-``calculate_loss`` on two training sequences. A model whose loss has more terms (FindRec's IICM)
-fails the check and keeps its own loss, with a warning. No accuracy is traded: it is the exact
+``calculate_loss`` on two training sequences. A model whose loss has more terms fails the check and
+keeps its own loss, with a warning, unless it reads ``ce_item_chunk`` itself and says so with
+``chunks_its_own_ce = True`` (FindRec: its CE term is computed in slices beside IICM). No accuracy is traded: it is the exact
 loss (sampled softmax, which would trade it, is not offered).
 """
 
 import torch
 from recbole.utils import ModelType
 
+from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
+
 #: sequences of the first training batch on which the swap is checked
 CHECK_ROWS = 2
-
-
-class _ChunkedCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, table, target, chunk):
-        lse = torch.full((hidden.shape[0],), -torch.inf, dtype=hidden.dtype, device=hidden.device)
-        for lo in range(0, table.shape[0], chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(hidden @ table[lo:lo + chunk].T, dim=1))
-        target_logit = (hidden * table[target]).sum(1)
-        ctx.save_for_backward(hidden, table, target, lse)
-        ctx.chunk = chunk
-        return (lse - target_logit).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, table, target, lse = ctx.saved_tensors
-        scale = grad / hidden.shape[0]
-        grad_hidden = -table[target]
-        grad_table = torch.zeros_like(table)
-        grad_table.index_add_(0, target, -hidden)
-        for lo in range(0, table.shape[0], ctx.chunk):
-            part = table[lo:lo + ctx.chunk]
-            prob = torch.exp(hidden @ part.T - lse.unsqueeze(1))  # softmax restricted to the slice
-            grad_hidden = grad_hidden + prob @ part
-            grad_table[lo:lo + ctx.chunk] += prob.T @ hidden
-        return grad_hidden * scale, grad_table * scale, None, None
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int):
-    """``F.cross_entropy(hidden @ table.T, target)`` (mean) computed ``chunk`` items at a time."""
-    return _ChunkedCE.apply(hidden, table, target, int(chunk))
 
 
 def _chunked_loss(model, chunk):
@@ -75,6 +47,9 @@ class ChunkedCEMixin:
     def _use_chunked_ce(self, train_data, chunk):
         model = self.model
         name = type(model).__name__
+        if getattr(model, "chunks_its_own_ce", False):
+            self.logger.info(f"ce_item_chunk: {name} computes its cross-entropy in slices of {chunk} items")
+            return
         if model.type != ModelType.SEQUENTIAL or self.config["loss_type"] != "CE":
             self.logger.warning(f"ce_item_chunk: {name} is not a sequential model trained with CE; ignored")
             return

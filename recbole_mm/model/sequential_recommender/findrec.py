@@ -18,6 +18,7 @@ from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, dataset_
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
+from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
 from recbole_mm.model.loss.stein import IICMLoss
 
 
@@ -117,6 +118,10 @@ class FindRec(SequentialRecommender):
         self.length_groups = config["length_groups"]
         self.group_overhead = group_overhead(max(emb, align))
         self.log_loss_terms = config["log_loss_terms"]
+        # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits;
+        # the trainer's own swap would drop IICM, so the model does it and says so
+        self.ce_item_chunk = config["ce_item_chunk"]
+        self.chunks_its_own_ce = bool(self.ce_item_chunk)
         self._loss_term_sums = {}
         self.loss_names = ("ce",)
         self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
@@ -222,8 +227,12 @@ class FindRec(SequentialRecommender):
         names them): ``ce``, ``iicm_align`` and ``iicm_entropy`` (each already times
         ``iicm_weight``), ``moe_balance``."""
         seq_output, views, posteriors = self._encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        logits = seq_output @ self.item_table().t()
-        terms = {"ce": self.loss_fct(logits, interaction[self.POS_ITEM_ID])}
+        target = interaction[self.POS_ITEM_ID]
+        if self.ce_item_chunk:
+            ce = chunked_cross_entropy(seq_output, self.item_table(), target, self.ce_item_chunk)
+        else:
+            ce = self.loss_fct(seq_output @ self.item_table().t(), target)
+        terms = {"ce": ce}
         if self.iicm is not None:
             for part, value in self.iicm.terms(views, self.pairs, posteriors or None).items():
                 terms[f"iicm_{part}"] = self.iicm_weight * value
