@@ -14,7 +14,11 @@ evaluated untrained (no ``fit``): the ranking work does not depend on the weight
 
 The data: each user has ``--per-user`` interactions with random items (leave-one-out by time for
 sequential models, 8:1:1 random per user for general ones), and ``.item`` lists all ``--items``
-items, so every item is ranked although most have no interaction.
+items, so every item is ranked although most have no interaction. ``--features D`` adds two
+modalities (``image_feat.npy``, ``text_feat.npy``: random ``[items, D]`` rows) for the models that
+need features (FindRec, MambaRec, the multimodal baselines):
+
+    python benchmarks/scale_eval.py --out DIR --models FindRec --paths blocked --features 32
 """
 
 import argparse
@@ -36,10 +40,13 @@ SEQUENTIAL = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "m
 GENERAL = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"}}
 
 
-def make_data(root: Path, users: int, items: int, per_user: int, seed: int = 0) -> Path:
+MODALITIES = ("image", "text")
+
+
+def make_data(root: Path, users: int, items: int, per_user: int, features: int = 0, seed: int = 0) -> Path:
     import numpy as np
 
-    folder = root / f"scale{users}x{items}"
+    folder = root / (f"scale{users}x{items}" + (f"f{features}" if features else ""))
     if (folder / f"{folder.name}.inter").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +58,8 @@ def make_data(root: Path, users: int, items: int, per_user: int, seed: int = 0) 
                 f.write(f"u{u}\ti{i}\t{t}\n")
     with open(folder / f"{folder.name}.item", "w") as f:
         f.write("item_id:token\n" + "".join(f"i{i}\n" for i in range(items)))
+    for modality in MODALITIES if features else ():
+        np.save(folder / f"{modality}_feat.npy", rng.standard_normal((items, features), dtype=np.float32))
     return folder
 
 
@@ -117,7 +126,8 @@ def run_one(args) -> dict:
            "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]},
            "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "recall@10",
            "eval_batch_size": args.eval_batch_size, "eval_item_block": args.item_block, "topk_eval": args.path,
-           "modalities": None, "text_features": None, "checkpoint_dir": str(folder.parent / "saved")}
+           "modalities": list(MODALITIES) if args.features else None, "text_features": None,
+           "checkpoint_dir": str(folder.parent / "saved"), "feature_cache_dir": str(folder.parent / "cache")}
     config = Config(model=args.model, dataset=folder.name, config_dict=cfg)
     cfg.update(SEQUENTIAL if config["MODEL_TYPE"].name == "SEQUENTIAL" else GENERAL)
     config = Config(model=args.model, dataset=folder.name, config_dict=cfg)
@@ -160,6 +170,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["BPR", "LightGCN", "SASRec"])
     p.add_argument("--paths", nargs="+", default=["blocked", "recbole"])
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--features", type=int, default=0, help="dimension of two random modalities (0: none)")
     p.add_argument("--eval-batch-size", type=int, default=4096)
     p.add_argument("--item-block", type=int, default=65536)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per (model, path) run")
@@ -174,13 +185,13 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_data(out / "data", args.users, args.items, args.per_user)
+    data = make_data(out / "data", args.users, args.items, args.per_user, args.features)
     rows = []
     for model in args.models:
         for path in args.paths:
             cmd = [sys.executable, __file__, "--out", str(out), "--one", "--model", model, "--path", path,
                    "--data", str(data), "--dim", str(args.dim), "--eval-batch-size", str(args.eval_batch_size),
-                   "--item-block", str(args.item_block)]
+                   "--item-block", str(args.item_block), "--features", str(args.features)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=out)
                 found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -196,7 +207,8 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     with open(out / "scale_eval.md", "w") as f:
-        f.write(f"# Full-ranking evaluation, {args.users} users x {args.items} items, dim {args.dim}\n\n"
+        f.write(f"# Full-ranking evaluation, {args.users} users x {args.items} items, dim {args.dim}"
+                + (f", two {args.features}-d random modalities" if args.features else "") + "\n\n"
                 f"machine: {os.cpu_count()} CPUs; eval_batch_size {args.eval_batch_size}, "
                 f"eval_item_block {args.item_block}\n\n| " + " | ".join(FIELDS) + " |\n|"
                 + "---|" * len(FIELDS) + "\n")
