@@ -191,7 +191,8 @@ def test_suite_files_state_runs_and_paper_numbers_consistently():
         assert set(paper["metrics"]) <= labels and suite.reference in paper["metrics"], file
         protocol = {f"{m.lower()}@{k}" for m in suite.config["metrics"] for k in suite.config["topk"]}
         for label, numbers in paper["metrics"].items():
-            assert set(numbers) == protocol and all(0 < v < 1 for v in numbers.values()), (file, label)
+            # a run may compute more than the paper reports (FindRec's paper has no Hit), never less
+            assert numbers and set(numbers) <= protocol and all(0 < v < 1 for v in numbers.values()), (file, label)
 
 
 def test_run_recbole_mm_routes_the_benchmark_subcommand(capsys):
