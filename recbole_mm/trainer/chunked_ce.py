@@ -2,19 +2,17 @@
 
 RecBole's sequential models with ``loss_type: CE`` compute ``logits = seq_output @ E.T`` over all
 items; at a million items and batch 2048 those logits (and their gradient) take 8 GB each.
-:func:`~recbole_mm.model.loss.chunked_ce.chunked_cross_entropy` gives the same loss and the same gradients (up to float rounding)
-from ``eval``-sized slices of the item table: the forward pass keeps a running log-sum-exp per
-row, the backward pass recomputes each slice's softmax. Peak memory is ``batch x ce_item_chunk``
-floats instead of ``batch x n_items``; it costs a second matrix product per slice in backward.
+:func:`~recbole_mm.model.loss.chunked_ce.chunked_cross_entropy` gives the same loss and gradients
+from slices of the item table (peak memory and cost: see that module).
 
 :class:`ChunkedCEMixin` (trainer side, config key ``ce_item_chunk``: items per slice, ``~`` = off)
 swaps it in for a model whose loss is exactly that cross-entropy: a model with the
 ``sequence_output`` form of :mod:`recbole_mm.evaluation.scorers` (``forward(item_seq,
 item_seq_len)`` and ``item_embedding``), checked at the start of ``fit`` against the model's own
 ``calculate_loss`` on two training sequences. A model whose loss has more terms fails the check and
-keeps its own loss, with a warning, unless it reads ``ce_item_chunk`` itself and says so with
-``chunks_its_own_ce = True`` (FindRec: its CE term is computed in slices beside IICM). No accuracy is traded: it is the exact
-loss (sampled softmax, which would trade it, is not offered).
+keeps its own loss, with a warning, unless its class says ``chunks_its_own_ce = True``: it reads
+``ce_item_chunk`` itself (FindRec slices its CE term beside IICM). No accuracy is traded: it is the
+exact loss (sampled softmax, which would trade it, is not offered).
 """
 
 import torch

@@ -98,6 +98,9 @@ class FindRec(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE
+    #: the trainer's ce_item_chunk swap would replace the whole loss and drop IICM: FindRec slices
+    #: its CE term itself (recbole_mm/trainer/chunked_ce.py)
+    chunks_its_own_ce = True
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -118,10 +121,8 @@ class FindRec(SequentialRecommender):
         self.length_groups = config["length_groups"]
         self.group_overhead = group_overhead(max(emb, align))
         self.log_loss_terms = config["log_loss_terms"]
-        # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits;
-        # the trainer's own swap would drop IICM, so the model does it and says so
+        # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits
         self.ce_item_chunk = config["ce_item_chunk"]
-        self.chunks_its_own_ce = bool(self.ce_item_chunk)
         self._loss_term_sums = {}
         self.loss_names = ("ce",)
         self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
