@@ -12,6 +12,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
+from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
 
@@ -398,6 +399,63 @@ def test_loss_terms_are_logged_with_their_gradient_norms(planted3, caplog):
         model.eval()
     assert "FindRec loss terms (mean value, |grad at z_m|, share of ce's): ce " in caplog.text
     assert model.loss_term_report() == {}
+
+
+def _share_step(share, x, a, b):
+    """One step of ``a.x + w b.x`` with the weight ``w`` of :class:`GradientShare`; returns ``w``."""
+    weight = share.weight()
+    (ref,), (term,) = share.watch([x], share.REFERENCE), share.watch([x], share.TERM, scale=weight)
+    ((a * ref).sum() + weight * (b * term).sum()).backward()
+    return weight
+
+
+def test_gradient_share_weight_by_hand():
+    x = torch.zeros(4, requires_grad=True)
+    a, b = torch.tensor([3.0, 0.0, 4.0, 0.0]), torch.tensor([0.0, 0.5, 0.0, 0.0])
+    share = GradientShare(0.1, initial=0.02)
+    assert _share_step(share, x, a, b).item() == pytest.approx(0.02)  # nothing measured yet
+    assert torch.equal(x.grad, a + 0.02 * b)  # the probes pass the gradient unchanged
+    # constant norms: the debiased EMAs are the norms themselves, |a| = 5 and |b| = 0.5
+    assert _share_step(share, x, a, b).item() == pytest.approx(0.1 * 5 / 0.5)
+    # the reference's norm doubles: EMA 0.95 (0.95 * 0.05 * 5 + 0.05 * 5) + 0.05 * 10, debiased
+    _share_step(share, x, 2 * a, b)
+    ema = (DECAY * (DECAY * (1 - DECAY) * 5 + (1 - DECAY) * 5) + (1 - DECAY) * 10) / (1 - DECAY ** 3)
+    assert share.weight().item() == pytest.approx(0.1 * ema / 0.5, rel=1e-6)
+    with share.paused():
+        _share_step(share, x, 100 * a, b)
+    assert share.seen.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="share must be positive"):
+        GradientShare(0.0, 0.01)
+    with pytest.raises(ValueError, match="initial weight must be positive"):
+        GradientShare(0.1, 0.0)
+
+
+def test_iicm_share_holds_the_alignment_at_its_share_of_the_ce_gradient(planted3, caplog):
+    model, train = _model(planted3, dropout_prob=0.0, log_loss_terms=True, use_entropy=False, iicm_share=0.25)
+    model.train()
+    batch = next(iter(train))
+    first_ce, first_align = model.calculate_loss(batch)
+    _, views, _ = model._encode(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    raw = model.iicm.terms(views, model.pairs)["align"]
+    assert first_align.item() == pytest.approx(model.iicm_weight * raw.item(), rel=1e-5)  # iicm_weight first
+    model.zero_grad()
+    (first_ce + first_align).backward()
+    model._loss_term_sums.clear()
+    # the same batch again (no dropout): the alignment's gradient at z_m is 25% of the CE's
+    ce, align = model.calculate_loss(batch)
+    report = model.loss_term_report()
+    assert report["iicm_align"][1] / report["ce"][1] == pytest.approx(0.25, rel=1e-4)
+    assert align.item() == pytest.approx(model.iicm_share.weight().item() * raw.item(), rel=1e-5)
+    assert model.iicm_share.seen.tolist() == [1, 1]  # log_loss_terms' extra passes are not counted
+    with caplog.at_level(logging.INFO):
+        model.eval()
+    assert "FindRec iicm_share 0.25: IICM weight now" in caplog.text
+    with torch.no_grad():  # evaluation passes measure nothing
+        model.calculate_loss(batch)
+    assert model.iicm_share.seen.tolist() == [1, 1]
+    assert {"iicm_share.ema", "iicm_share.seen"} <= set(model.state_dict())  # a checkpoint resumes them
+    with pytest.raises(ValueError, match="iicm_share needs iicm_weight > 0"):
+        _model(planted3, iicm_share=0.1, iicm_weight=0.0)
 
 
 def test_expert_load_is_logged_when_switching_to_evaluation(planted3, caplog):

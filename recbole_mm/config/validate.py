@@ -114,7 +114,7 @@ _MGCN_RULES = {"cl_weight": NON_NEGATIVE, "cl_temp": POSITIVE, "reg_weight": NON
 #: rules for one model's own keys (``properties/model/<Model>.yaml``)
 MODEL_RULES: Dict[str, Dict[str, Rule]] = {
     "FindRec": {
-        "iicm_weight": NON_NEGATIVE, "entropy_weight": NON_NEGATIVE, "moe_balance_weight": NON_NEGATIVE,
+        "iicm_weight": NON_NEGATIVE, "iicm_share": POSITIVE, "entropy_weight": NON_NEGATIVE, "moe_balance_weight": NON_NEGATIVE,
         "iicm_sigma": POSITIVE, "stein_eta": POSITIVE, "warmup_steps": NON_NEGATIVE_INT,
     },
     "MGCN": _MGCN_RULES,

@@ -94,7 +94,7 @@ FORMS = {"full_sort_embeddings": _declared, "restore_user_e": _restored,
 def _same_scores(got: torch.Tensor, ref: torch.Tensor) -> bool:
     if got.shape != ref.shape:
         return False
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
     return bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * max(scale, 1.0)))
 
 

@@ -6,6 +6,7 @@ docs/design.md §findrec is the specification.
 """
 
 import logging
+from contextlib import nullcontext
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -19,6 +20,7 @@ from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalM
 from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
+from recbole_mm.model.loss.gradient_share import GradientShare
 from recbole_mm.model.loss.stein import IICMLoss
 
 
@@ -93,6 +95,8 @@ class FindRec(SequentialRecommender):
     (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
     (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
+    ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
+    the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
     ``cross_pairs``, ``feature_logits`` (false); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
     """
@@ -145,6 +149,14 @@ class FindRec(SequentialRecommender):
                                   for _ in range(max(len(self.pairs), 1)))
         self.iicm = IICMLoss(entropy, config["entropy_weight"], config["iicm_sigma"],
                              config["stein_eta"]) if use_iicm else None
+        # iicm_share: IICM's weight follows the CE's gradient so IICM keeps its share all through
+        # training (docs/design.md §findrec); iicm_weight is then the first step's weight
+        self.iicm_share = None
+        if use_iicm and config["iicm_share"] is not None:
+            if self.iicm_weight <= 0:
+                raise ValueError("iicm_share needs iicm_weight > 0: it is the first step's IICM weight, through "
+                                 f"which the IICM gradient is first measured (got {self.iicm_weight})")
+            self.iicm_share = GradientShare(config["iicm_share"], self.iicm_weight)
         fused = emb + align * len(self.moes)
         self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
@@ -190,15 +202,16 @@ class FindRec(SequentialRecommender):
         groups = LengthGroups(item_seq_len, enabled=self.length_groups, overhead=self.group_overhead)
         parts = [self._streams(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)]
         z_id, views, posteriors = groups.merge([part[:3] for part in parts])
+        head = self.iicm_share.watch(views, GradientShare.REFERENCE) if self._sharing() else views
         fused = []
         if not self.pairs:
-            fused.append(self.moes[0](views[0]))
+            fused.append(self.moes[0](head[0]))
         for (i, j), moe in zip(self.pairs, self.moes):
             if self.cross_attn is not None:
-                queries = groups.split(views[i])
+                queries = groups.split(head[i])
                 o = groups.merge([self.cross_attn(q, part[3][j], part[4][j]) for q, part in zip(queries, parts)])
             else:
-                o = views[i] + views[j]
+                o = head[i] + head[j]
             fused.append(moe(o))
         seq_output = self.output_ffn(torch.cat([z_id] + fused, dim=-1))
         return seq_output, views, posteriors
@@ -235,8 +248,12 @@ class FindRec(SequentialRecommender):
             ce = self.loss_fct(seq_output @ self.item_table().t(), target)
         terms = {"ce": ce}
         if self.iicm is not None:
-            for part, value in self.iicm.terms(views, self.pairs, posteriors or None).items():
-                terms[f"iicm_{part}"] = self.iicm_weight * value
+            weight, iicm_views = self.iicm_weight, views
+            if self._sharing():
+                weight = self.iicm_share.weight()
+                iicm_views = self.iicm_share.watch(views, GradientShare.TERM, scale=weight)
+            for part, value in self.iicm.terms(iicm_views, self.pairs, posteriors or None).items():
+                terms[f"iicm_{part}"] = weight * value
         if self.moe_balance_weight > 0:
             terms["moe_balance"] = self.moe_balance_weight * sum(m.balance_loss() for m in self.moes) / len(self.moes)
         if self.log_loss_terms and self.training:
@@ -245,11 +262,16 @@ class FindRec(SequentialRecommender):
         losses = tuple(terms.values())
         return losses if len(losses) > 1 else losses[0]
 
+    def _sharing(self) -> bool:
+        """Whether this pass feeds ``iicm_share``'s gradient measurements (training passes only)."""
+        return self.iicm_share is not None and self.training and torch.is_grad_enabled()
+
     def _record_loss_terms(self, terms, views):
         """Adds each term's value and the norm of its gradient at the modality streams' outputs
         ``z_m`` (all views together) to the running sums logged by :meth:`train`."""
         for name, value in terms.items():
-            grads = torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
+            with self.iicm_share.paused() if self.iicm_share is not None else nullcontext():
+                grads = torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
             norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), value.new_zeros(())))
             total = self._loss_term_sums.setdefault(name, [0.0, 0.0, 0])
             total[0] += value.item()
@@ -293,6 +315,8 @@ class FindRec(SequentialRecommender):
                 f"{name} {value:.4g} |{grad:.3g}| {grad / ce_grad if ce_grad else float('nan'):.1%}"
                 for name, (value, grad) in self.loss_term_report().items()))
             self._loss_term_sums.clear()
+        if not mode and self.training and self.iicm_share is not None and bool(self.iicm_share.seen.all()):
+            self.logger.info(f"FindRec iicm_share {self.iicm_share.share}: IICM weight now {self.iicm_share.weight().item():.4g}")
         if not mode:
             for name, (weight, top1) in self.expert_load().items():
                 self.logger.info(f"FindRec expert load [{name}]: mean router weight "
