@@ -95,6 +95,11 @@ def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted
     bpr = next(r for r in runs if r.model == "BPR")
     assert bpr.config["topk"] == [10, 20] and bpr.config["valid_metric"] == "Recall@20"  # MambaRec's protocol
     assert runs[0].config_hash == runs[1].config_hash  # the seed is a key of its own
+    # a key added later (FindRec's iicm_share) keeps finished runs' hashes while it is off (None),
+    # and makes a new run when on
+    off, on = (plan_runs(Suite("s", name, [Entry("M", "MambaRec", {"iicm_share": value})], seeds=1, config=settings))[0]
+               for value in (None, 0.5))
+    assert off.config_hash == runs[0].config_hash != on.config_hash
     with pytest.raises(ValueError, match=r"evaluated differently.*topk=\[5\] vs \[10, 20\]"):
         plan_runs(Suite("s", name, entries + [Entry("BPR@5", "BPR", {"topk": [5]})], config=settings))
     # an entry whose override is already the default would be the same run under a second label

@@ -45,6 +45,10 @@ HASH_IGNORED = frozenset({
     "seed", "state", "show_progress", "checkpoint_dir", "gpu_id", "use_gpu", "local_rank", "nproc",
     "world_size", "offset", "ip", "port", "log_wandb", "wandb_project", "single_spec", "worker",
 })
+#: keys added after benchmarks had finished runs, left out of the hash at their neutral (off)
+#: value: RecBole reads an absent key as None, so a run from before the key and one with it off
+#: compute the same thing and keep one key (runs with the key on hash as new)
+HASH_NEUTRAL = {"iicm_share": None}
 #: evaluation protocol given to every run from the reference entry (unless set for all)
 PINNED = ("metrics", "topk", "valid_metric")
 #: what every run of one benchmark must share to be compared side by side
@@ -161,9 +165,11 @@ def build_config(run: Run) -> Config:
 
 
 def config_hash(config: Config, split_seed: int) -> str:
-    """12 hex digits of the final config (minus :data:`HASH_IGNORED`) and the split seed: a run
-    whose effective settings changed in any layer — a YAML default, a file, a flag — is new."""
-    settings = {k: v for k, v in config.final_config_dict.items() if k not in HASH_IGNORED}
+    """12 hex digits of the final config (minus :data:`HASH_IGNORED`, and :data:`HASH_NEUTRAL` keys
+    at their neutral value) and the split seed: a run whose effective settings changed in any
+    layer — a YAML default, a file, a flag — is new."""
+    settings = {k: v for k, v in config.final_config_dict.items()
+                if k not in HASH_IGNORED and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
     text = json.dumps({"config": settings, "split_seed": split_seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
