@@ -3,6 +3,7 @@ summary, plots, resume), the planner's guarantees, the statistics and the suite 
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from scipy import stats
 from conftest import REPO
 from recbole_mm.benchmark import main
 from recbole_mm.benchmark.cli import parse_args, shard_of
-from recbole_mm.benchmark.plan import Entry, Suite, load_suite, plan_runs
+from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
 from recbole_mm.benchmark.quick import first_users_slice
 from recbole_mm.benchmark.report import seed_ttest, user_wilcoxon
 from recbole_mm.benchmark.store import append_row, finished_keys
@@ -100,6 +101,13 @@ def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted
     off, on = (plan_runs(Suite("s", name, [Entry("M", "MambaRec", {"iicm_share": value})], seeds=1, config=settings))[0]
                for value in (None, 0.5))
     assert off.config_hash == runs[0].config_hash != on.config_hash
+    # cold_negatives means nothing without cold items (every earlier run keeps its key); with them,
+    # true is what cold-start runs did before the key, false (the default) is a new protocol
+    def key(**settings):
+        return config_hash(SimpleNamespace(final_config_dict={"model": "BPR", **settings}), 2020)
+    assert key() == key(cold_negatives=False) == key(cold_negatives=True)
+    assert key(cold_item_ratio=0.2) == key(cold_item_ratio=0.2, cold_negatives=True) \
+        != key(cold_item_ratio=0.2, cold_negatives=False)
     with pytest.raises(ValueError, match=r"evaluated differently.*topk=\[5\] vs \[10, 20\]"):
         plan_runs(Suite("s", name, entries + [Entry("BPR@5", "BPR", {"topk": [5]})], config=settings))
     # an entry whose override is already the default would be the same run under a second label

@@ -61,18 +61,40 @@ def test_sequential_training_never_sees_a_cold_item(planted):
     assert torch.isin(test.dataset.inter_feat[data.iid_field], cold).any()
 
 
+def _negatives(train, batches=20):
+    """The negative item ids of ``batches`` passes over the training loader."""
+    drawn = [batch[train._dataset.config["NEG_PREFIX"] + train._dataset.iid_field]
+             for _, batch in zip(range(batches), iter(train))]
+    return torch.cat(drawn)
+
+
+def test_cold_items_are_never_drawn_as_negatives_unless_asked(planted):
+    config, (_, train, _, _, _) = _build("BPR", planted, cold_item_ratio=0.2, cold_seed=0, **GENERAL)
+    cold = train.dataset.cold_items
+    strict = _negatives(train)
+    assert not config["cold_negatives"] and not torch.isin(strict, cold).any()
+    assert len(torch.unique(strict)) > 0.6 * (train.dataset.item_num - 1 - len(cold))  # every warm item, not a few
+    _, (_, loose, _, _, _) = _build("BPR", planted, cold_item_ratio=0.2, cold_seed=0, cold_negatives=True, **GENERAL)
+    share = torch.isin(_negatives(loose), cold).float().mean().item()
+    assert 0.1 < share < 0.3  # uniform over the catalogue: about the cold items' 20%
+
+
 def test_warm_cold_report_puts_an_id_model_at_the_floor_on_cold_items(planted):
-    config, (_, train, valid, test, model) = _build("BPR", planted, cold_item_ratio=0.2, cold_seed=0, epochs=5,
-                                                    learning_rate=0.01, **GENERAL)
-    trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, model)
-    trainer.fit(train, valid, saved=False)
-    report = evaluate_warm_cold(trainer, test)
-    warm, cold = report["warm"]["recall@20"], report["cold"]["recall@20"]
-    # BPR's cold item embeddings only ever served as sampled negatives: ranked below chance
-    chance = 20 / (test.dataset.item_num - 1)
-    assert warm > 0.3 and cold < chance * 0.75, report
-    overall = trainer.evaluate(test, load_best_model=False)["recall@20"]
-    assert cold < overall < warm
+    cold = {}
+    for as_negatives in (True, False):
+        config, (_, train, valid, test, model) = _build("BPR", planted, cold_item_ratio=0.2, cold_seed=0, epochs=5,
+                                                        learning_rate=0.01, cold_negatives=as_negatives, **GENERAL)
+        trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, model)
+        trainer.fit(train, valid, saved=False)
+        report = evaluate_warm_cold(trainer, test)
+        warm, cold[as_negatives] = report["warm"]["recall@20"], report["cold"]["recall@20"]
+        chance = 20 / (test.dataset.item_num - 1)
+        assert warm > 0.3, report
+        overall = trainer.evaluate(test, load_best_model=False)["recall@20"]
+        assert cold[as_negatives] < overall < warm
+    # a cold item's ID embedding gets no positive signal: drawn as a negative (pushed down) or not
+    # (left at its initial weights while warm items' embeddings grow), it ranks below chance
+    assert max(cold.values()) < chance * 0.75, (cold, chance)
 
 
 def test_findrec_scores_cold_items_from_their_features_with_feature_logits(planted):

@@ -45,10 +45,13 @@ HASH_IGNORED = frozenset({
     "seed", "state", "show_progress", "checkpoint_dir", "gpu_id", "use_gpu", "local_rank", "nproc",
     "world_size", "offset", "ip", "port", "log_wandb", "wandb_project", "single_spec", "worker",
 })
-#: keys added after benchmarks had finished runs, left out of the hash at their neutral (off)
-#: value: RecBole reads an absent key as None, so a run from before the key and one with it off
-#: compute the same thing and keep one key (runs with the key on hash as new)
-HASH_NEUTRAL = {"iicm_share": None}
+#: keys added after benchmarks had finished runs, left out of the hash at their neutral value, the
+#: one that computes what runs from before the key computed (``iicm_share`` off; cold items drawn as
+#: negatives, as they were), so such runs keep their key; other values hash as new
+HASH_NEUTRAL = {"iicm_share": None, "cold_negatives": True}
+#: keys that mean nothing unless another key is set: left out of the hash then (``cold_negatives``
+#: came after runs without cold items had finished, which keep their key)
+HASH_ONLY_WITH = {"cold_negatives": "cold_item_ratio"}
 #: evaluation protocol given to every run from the reference entry (unless set for all)
 PINNED = ("metrics", "topk", "valid_metric")
 #: what every run of one benchmark must share to be compared side by side
@@ -165,11 +168,13 @@ def build_config(run: Run) -> Config:
 
 
 def config_hash(config: Config, split_seed: int) -> str:
-    """12 hex digits of the final config (minus :data:`HASH_IGNORED`, and :data:`HASH_NEUTRAL` keys
-    at their neutral value) and the split seed: a run whose effective settings changed in any
+    """12 hex digits of the final config (minus :data:`HASH_IGNORED`, :data:`HASH_NEUTRAL` keys at
+    their neutral value and :data:`HASH_ONLY_WITH` keys without their key) and the split seed: a run whose effective settings changed in any
     layer — a YAML default, a file, a flag — is new."""
-    settings = {k: v for k, v in config.final_config_dict.items()
-                if k not in HASH_IGNORED and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
+    final = config.final_config_dict
+    settings = {k: v for k, v in final.items()
+                if k not in HASH_IGNORED and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
+                and not (k in HASH_ONLY_WITH and not final.get(HASH_ONLY_WITH[k]))}
     text = json.dumps({"config": settings, "split_seed": split_seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

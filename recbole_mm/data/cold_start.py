@@ -10,8 +10,17 @@ comparison gets the same cold items). After RecBole's (or the label) split:
 * sequential data (one row per target, the items before it in ``<field>_list`` fields): training
   rows whose target is cold move likewise; cold items are removed from the remaining training
   rows' input lists (the lists are compacted, lengths shortened, rows left empty dropped), so no
-  cold item is an input or a target in training (it still is a negative: in the softmax over all
-  items, or drawn by the negative sampler, as any item without interactions would be).
+  cold item is an input or a target in training;
+* sampled negatives: with ``cold_negatives: false`` (the default) the training loader's negative
+  sampler redraws every cold item it draws (:func:`keep_out_of_negatives`), so a cold item is in no
+  training pair at all, not even as the negative of a BPR pair. Otherwise each negative draw is a
+  cold item with the cold items' share of the catalogue, and a cold item's only training signal
+  pushes it down (with it, MambaRec's, MGCN's and FREEDOM's cold Recall@20 on TikTok was 0:
+  docs/results/cold-start-tiktok.md). Models trained with cross-entropy over all items keep the
+  cold items in the softmax's denominator either way (RecBole's loss sees the whole item table).
+
+Item features stay known for every item (cold ones included): models that build item graphs from
+features (MambaRec, MGCN, FREEDOM) link a cold item to its nearest warm ones.
 
 Valid and test rows keep cold items in their histories: they are what a user did, and a model
 that embeds items from features can use them. The item ids are on every part as
@@ -83,6 +92,35 @@ def hold_out(dataset, parts):
                         f"cold_seed={config['cold_seed']}); {len(moved)} training interactions moved to "
                         f"valid ({int(to_valid.sum())}) and test ({int((~to_valid).sum())})")
     return parts
+
+
+class _WarmDraws:
+    """A negative sampler's ``sampling`` with every draw of a cold item redrawn (same distribution,
+    conditioned on warm); a class, not a closure, so the loader still pickles."""
+
+    def __init__(self, draw, cold: np.ndarray):
+        self.draw, self.cold = draw, cold
+
+    def __call__(self, sample_num):
+        values = np.asarray(self.draw(sample_num))
+        redo = np.flatnonzero(np.isin(values, self.cold))
+        while len(redo):
+            values[redo] = self.draw(len(redo))
+            redo = redo[np.isin(values[redo], self.cold)]
+        return values
+
+
+def keep_out_of_negatives(train_data) -> None:
+    """Make the training loader's negative sampler never return a cold item (the module doc),
+    unless ``cold_negatives`` is set; nothing to do without cold items or negative sampling."""
+    dataset = train_data._dataset
+    cold = getattr(dataset, "cold_items", None)
+    sampler = getattr(train_data, "_sampler", None)
+    if cold is None or sampler is None or dataset.config["cold_negatives"]:
+        return
+    sampler.sampling = _WarmDraws(sampler.sampling, cold.numpy())
+    dataset.logger.info(f"cold-start: the {len(cold)} cold items are not drawn as training negatives "
+                        "(cold_negatives: false)")
 
 
 def _cat(a, b):

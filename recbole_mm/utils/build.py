@@ -6,6 +6,7 @@ import numpy as np
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
+from recbole_mm.data.cold_start import keep_out_of_negatives
 from recbole_mm.registry import create_dataset, get_model
 
 
@@ -17,6 +18,7 @@ def build_data_and_model(config, split_seed=None):
     dataset = create_dataset(config)
     getLogger().info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    keep_out_of_negatives(train_data)
     warn_about_split(dataset, valid_data, test_data)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
