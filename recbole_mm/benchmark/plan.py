@@ -169,8 +169,8 @@ def build_config(run: Run) -> Config:
 
 def config_hash(config: Config, split_seed: int) -> str:
     """12 hex digits of the final config (minus :data:`HASH_IGNORED`, :data:`HASH_NEUTRAL` keys at
-    their neutral value and :data:`HASH_ONLY_WITH` keys without their key) and the split seed: a run whose effective settings changed in any
-    layer — a YAML default, a file, a flag — is new."""
+    their neutral value and :data:`HASH_ONLY_WITH` keys without their key) and the split seed: a
+    run whose effective settings changed in any layer — a YAML default, a file, a flag — is new."""
     final = config.final_config_dict
     settings = {k: v for k, v in final.items()
                 if k not in HASH_IGNORED and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
