@@ -1,9 +1,13 @@
 """Cold-start items (recbole_mm/data/cold_start.py): held out of training entirely, moved to
 valid/test, reported apart from warm items; an ID-only model is the floor on them."""
 
-import torch
+import argparse
+import importlib.util
 
-from conftest import TINY
+import torch
+import yaml
+
+from conftest import REPO, TINY
 from recbole_mm import Config
 from recbole_mm.data.cold_start import draw_cold_items, evaluate_warm_cold
 from recbole_mm.quick_start.quick_start import build_data_and_model
@@ -11,6 +15,14 @@ from recbole_mm.registry import get_trainer
 
 SEQ = {"train_neg_sample_args": None, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
 GENERAL = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"}}
+
+
+def _load_script(name):
+    """A benchmark script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build(model, planted, **overrides):
@@ -126,3 +138,21 @@ def test_mambarec_scores_cold_items_through_its_feature_graph(planted):
         cold[model] = evaluate_warm_cold(trainer, test)["cold"]["recall@20"]
     chance = 20 / (test.dataset.item_num - 1)
     assert cold["BPR"] < chance < cold["MambaRec"], (cold, chance)
+
+
+def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_path):
+    # benchmarks/cold_start_probe.py ranks from the scores itself (to try other cold embeddings):
+    # its masks and per-user sets must give exactly what evaluate_warm_cold reports
+    probe = _load_script("cold_start_probe").probe
+    root, name = planted
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "probe", "dataset": name, "runs": ["VBPR"], "config": {
+        **TINY, "data_path": root, "modalities": ["image", "text"], "metrics": ["Recall"], "topk": [20],
+        "valid_metric": "recall@20", "epochs": 2, "cold_item_ratio": 0.2, "cold_seed": 0, **GENERAL}}))
+    report, rows = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path), seed=2020, k=[1, 3]))
+    assert [r["variant"] for r in rows] == ["as trained", "cold items = mean of their 1 nearest warm items",
+                                            "cold items = mean of their 3 nearest warm items"]
+    for group in ("warm", "cold"):
+        assert round(rows[0][f"{group}_recall@20"], 4) == report[group]["recall@20"]
+    assert rows[1]["cold_recall@20"] != rows[0]["cold_recall@20"]  # the imputation reached the ranking
+    assert (tmp_path / "probe-VBPR-seed2020-probe.md").is_file()

@@ -1,0 +1,178 @@
+"""Where a multimodal general model ranks cold items, and what their feature neighbours would give
+them (issue 17). Trains one model of a cold-start suite under one seed (early stopping, best
+epoch), then, on the test set:
+
+* Recall@20 on warm and on cold targets as RecBole's evaluator gives it (``evaluate_warm_cold``)
+  and as this script recomputes it from the scores (a check that the rest is computed right);
+* the median rank of warm and of cold targets among the items RecBole ranks (masked: the user's
+  training and validation items and test items of the other group, but not the targets), and the spread (std) of the scores over warm and over
+  cold items (1,024 users drawn under seed 0): whether the content part of a score separates cold items at all;
+* Recall@20 when each cold item's final embedding is replaced by the mean of its ``k`` nearest
+  warm items' (cosine of the item features, every modality L2-normalised and concatenated): the
+  plainest way to score a new item from its content alone.
+
+For the models whose score is ``users @ items.T`` over ``final_embeddings()`` (MambaRec, MGCN,
+FREEDOM, VBPR).
+
+    RECBOLE_MM_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/cold_start_probe.py \\
+        --suite benchmarks/suites/cold-start-tiktok.yaml --model MGCN --out DIR [--seed 2020] [--k 1 5 10]
+
+Writes ``<out>/<suite>-<model>-seed<seed>-probe.csv`` and ``.md``.
+"""
+
+import argparse
+import csv
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
+
+TOPK = 20
+USER_BLOCK = 1024
+
+
+def interaction_matrix(dataset, users: torch.Tensor, items: torch.Tensor) -> sp.csr_matrix:
+    """Users x items, true at the given pairs."""
+    return sp.csr_matrix((np.ones(len(users), dtype=bool), (users.numpy(), items.numpy())),
+                         shape=(dataset.user_num, dataset.item_num))
+
+
+def target_ranks(users_emb, items_emb, test_users, test_items, history) -> torch.Tensor:
+    """Per test interaction, how many rankable items score above its target."""
+    ranks = torch.empty(len(test_users), dtype=torch.long)
+    order = torch.argsort(test_users)
+    sorted_users = test_users[order]
+    for start in range(0, int(sorted_users.max()) + 1, USER_BLOCK):
+        rows = ((sorted_users >= start) & (sorted_users < start + USER_BLOCK)).nonzero().squeeze(1)
+        if not len(rows):
+            continue
+        block = torch.arange(start, min(start + USER_BLOCK, users_emb.shape[0]))
+        scores = users_emb[block] @ items_emb.T
+        scores[torch.from_numpy(history[block.numpy()].toarray())] = -torch.inf
+        scores[:, 0] = -torch.inf  # padding
+        local = sorted_users[rows] - start
+        target = scores[local, test_items[order[rows]]]
+        ranks[order[rows]] = (scores[local] > target.unsqueeze(1)).sum(1)
+    return ranks
+
+
+def recall(ranks, users) -> float:
+    """RecBole's Recall@20: per user, hits / targets, averaged over users."""
+    hits = (ranks < TOPK).double()
+    per_user = torch.bincount(users, weights=hits) / torch.bincount(users).clamp(min=1)
+    return per_user[torch.unique(users)].mean().item()
+
+
+def nearest_warm(dataset, cold, warm, k) -> torch.Tensor:
+    """``[len(cold), k]`` ids of each cold item's ``k`` most feature-similar warm items."""
+    feats = torch.cat([F.normalize(dataset.item_features[m].float(), dim=1) for m in sorted(dataset.item_features)], 1)
+    feats = F.normalize(feats, dim=1)
+    sim = feats[cold] @ feats.T
+    sim[:, ~warm] = -torch.inf
+    return sim.topk(k, dim=1).indices
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", required=True)
+    parser.add_argument("--model", required=True, help="a model or entry label of the suite")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    args = parser.parse_args(argv)
+    probe(args)
+    return 0
+
+
+def probe(args):
+    """Train, measure, write the files; returns ``(RecBole's warm/cold report, rows of the table)``."""
+    from recbole_mm import Config
+    from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
+    from recbole_mm.registry import get_trainer
+    from recbole_mm.utils import build_data_and_model
+
+    suite = yaml.safe_load(Path(args.suite).read_text())
+    entry = next((e for e in suite["runs"] if (e if isinstance(e, str) else e.get("label")) == args.model), args.model)
+    model_name, overrides = (entry, {}) if isinstance(entry, str) else (entry["model"], entry.get("config", {}))
+    checkpoints = tempfile.mkdtemp(prefix="cold-probe-")
+    cfg = {**suite["config"], **overrides, "seed": args.seed, "checkpoint_dir": checkpoints, "show_progress": False}
+    config = Config(model=model_name, dataset=suite["dataset"], config_dict=cfg, config_file_list=suite.get("config_files"))
+    dataset, train, valid, test, model = build_data_and_model(config)
+    if not hasattr(model, "final_embeddings"):
+        raise SystemExit(f"{model_name} has no final_embeddings(): this probe needs a users @ items.T score")
+    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    report = evaluate_warm_cold(trainer, test, load_best_model=True)  # loads the best epoch's weights
+    model.eval()
+    with torch.no_grad():
+        users_emb, items_emb = model.final_embeddings()
+
+    cold = train.dataset.cold_items
+    warm = torch.ones(dataset.item_num, dtype=torch.bool)
+    warm[0], warm[cold] = False, False
+    inter = test.dataset.inter_feat
+    test_users, test_items = inter[dataset.uid_field], inter[dataset.iid_field]
+    is_cold = cold_targets(test.dataset)
+
+    # masked when ranking one group, as evaluate_warm_cold's loaders do: the user's training and
+    # validation items and test items of the other group, except the group's own targets
+    seen = torch.cat([p.dataset.inter_feat[dataset.uid_field] for p in (train, valid)]), \
+        torch.cat([p.dataset.inter_feat[dataset.iid_field] for p in (train, valid)])
+    masks = {}
+    for name, group in (("warm", ~is_cold), ("cold", is_cold)):
+        mask = interaction_matrix(dataset, torch.cat([seen[0], test_users[~group]]),
+                                  torch.cat([seen[1], test_items[~group]])).astype(np.int8)
+        own = interaction_matrix(dataset, test_users[group], test_items[group])
+        masks[name] = (mask - mask.multiply(own)).astype(bool)
+
+    rows = []
+    def measure(variant, items):
+        row = {"variant": variant}
+        for name, group in (("warm", ~is_cold), ("cold", is_cold)):
+            # a user's positives are a set (RecBole): a repeated target counts once
+            pairs = torch.unique(test_users[group] * dataset.item_num + test_items[group])
+            users, targets = pairs // dataset.item_num, pairs % dataset.item_num
+            ranks = target_ranks(users_emb, items, users, targets, masks[name])
+            row[f"{name}_recall@20"] = recall(ranks, users)
+            row[f"{name}_median_rank"] = int(ranks.median())
+        rows.append(row)
+
+    measure("as trained", items_emb)
+    for k in args.k:
+        imputed = items_emb.clone()
+        imputed[cold] = items_emb[nearest_warm(dataset, cold, warm, k)].mean(1)
+        measure(f"cold items = mean of their {k} nearest warm items", imputed)
+    sample = torch.randperm(dataset.user_num - 1, generator=torch.Generator().manual_seed(0))[:USER_BLOCK] + 1
+    scores = users_emb[sample] @ items_emb.T
+    score_std = {"warm": scores[:, warm].std().item(), "cold": scores[:, cold].std().item()}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{suite['name']}-{args.model}-seed{args.seed}-probe".replace(" ", "_")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Cold-item probe: {args.model} on {suite['dataset']} (seed {args.seed}, best epoch of early stopping)", "",
+             f"{int(warm.sum())} warm and {len(cold)} cold items; test targets: {int((~is_cold).sum())} warm, "
+             f"{int(is_cold.sum())} cold. RecBole's evaluator: warm Recall@20 {report['warm']['recall@20']}, "
+             f"cold Recall@20 {report['cold']['recall@20']}. Std of the user-item scores over warm items "
+             f"{score_std['warm']:.4f}, over cold items {score_std['cold']:.4f}.", "",
+             "| variant | warm Recall@20 | cold Recall@20 | warm target median rank | cold target median rank |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['warm_recall@20']:.4f} | {r['cold_recall@20']:.4f} | {r['warm_median_rank']} | "
+              f"{r['cold_median_rank']} |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report, rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
