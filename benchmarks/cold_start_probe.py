@@ -22,6 +22,7 @@ Writes ``<out>/<suite>-<model>-seed<seed>-probe.csv`` and ``.md``.
 
 import argparse
 import csv
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +31,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
@@ -82,7 +82,7 @@ def nearest_warm(dataset, cold, warm, k) -> torch.Tensor:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", required=True)
-    parser.add_argument("--model", required=True, help="a model or entry label of the suite")
+    parser.add_argument("--model", required=True, help="an entry label of the suite (its model name by default)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
@@ -93,21 +93,23 @@ def main(argv=None):
 
 def probe(args):
     """Train, measure, write the files; returns ``(RecBole's warm/cold report, rows of the table)``."""
-    from recbole_mm import Config
+    from recbole_mm.benchmark.plan import build_config, load_suite, plan_runs
     from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
     from recbole_mm.registry import get_trainer
     from recbole_mm.utils import build_data_and_model
 
-    suite = yaml.safe_load(Path(args.suite).read_text())
-    entry = next((e for e in suite["runs"] if (e if isinstance(e, str) else e.get("label")) == args.model), args.model)
-    model_name, overrides = (entry, {}) if isinstance(entry, str) else (entry["model"], entry.get("config", {}))
-    checkpoints = tempfile.mkdtemp(prefix="cold-probe-")
-    cfg = {**suite["config"], **overrides, "seed": args.seed, "checkpoint_dir": checkpoints, "show_progress": False}
-    config = Config(model=model_name, dataset=suite["dataset"], config_dict=cfg, config_file_list=suite.get("config_files"))
-    dataset, train, valid, test, model = build_data_and_model(config)
+    # the run as the benchmark harness plans it (the reference's protocol, the fixed split seed)
+    suite = load_suite(args.suite)
+    planned = next((r for r in plan_runs(suite) if r.label == args.model), None)
+    if planned is None:
+        raise SystemExit(f"{args.model} is not an entry of {args.suite}: {[e.label for e in suite.entries]}")
+    run = dataclasses.replace(planned, seed=args.seed, config={
+        **planned.config, "checkpoint_dir": tempfile.mkdtemp(prefix="cold-probe-"), "show_progress": False})
+    config = build_config(run)
+    dataset, train, valid, test, model = build_data_and_model(config, split_seed=run.split_seed)
     if not hasattr(model, "final_embeddings"):
-        raise SystemExit(f"{model_name} has no final_embeddings(): this probe needs a users @ items.T score")
-    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+        raise SystemExit(f"{run.model} has no final_embeddings(): this probe needs a users @ items.T score")
+    trainer = get_trainer(config["MODEL_TYPE"], run.model)(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     report = evaluate_warm_cold(trainer, test, load_best_model=True)  # loads the best epoch's weights
     model.eval()
@@ -155,12 +157,12 @@ def probe(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{suite['name']}-{args.model}-seed{args.seed}-probe".replace(" ", "_")
+    stem = out / f"{suite.name}-{args.model}-seed{args.seed}-probe".replace(" ", "_")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Cold-item probe: {args.model} on {suite['dataset']} (seed {args.seed}, best epoch of early stopping)", "",
+    lines = [f"# Cold-item probe: {args.model} on {suite.dataset} (seed {args.seed}, best epoch of early stopping)", "",
              f"{int(warm.sum())} warm and {len(cold)} cold items; test targets: {int((~is_cold).sum())} warm, "
              f"{int(is_cold.sum())} cold. RecBole's evaluator: warm Recall@20 {report['warm']['recall@20']}, "
              f"cold Recall@20 {report['cold']['recall@20']}. Std of the user-item scores over warm items "
