@@ -11,7 +11,7 @@ from conftest import TINY
 from recbole_mm import Config
 from recbole_mm.quick_start.quick_start import build_data_and_model
 from recbole_mm.registry import get_trainer
-from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
+from recbole_mm.model.loss.chunked_ce import ExcludingCrossEntropy, chunked_cross_entropy
 from recbole_mm.trainer.scale import with_scale_hooks
 
 
@@ -28,6 +28,31 @@ def test_loss_and_gradients_equal_full_cross_entropy(chunk):
     got = torch.autograd.grad(ours * 1.0, (hidden, table))
     assert torch.allclose(ours, full, rtol=1e-12)
     assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-12) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_excluded_items_leave_the_softmax_in_both_forms(chunk):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(50, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 25, (9,), generator=gen)
+    excluded = torch.zeros(50, dtype=torch.bool)
+    excluded[25::3] = True  # never a target
+    # by hand: the softmax over the kept items only
+    logits = hidden @ table.T
+    kept = ~excluded
+    expected = (torch.logsumexp(logits[:, kept], 1) - logits[torch.arange(9), target]).mean()
+    expected_grads = torch.autograd.grad(expected, (hidden, table))
+    whole = ExcludingCrossEntropy(torch.nn.CrossEntropyLoss(), excluded)(hidden @ table.T, target)
+    sliced = chunked_cross_entropy(hidden, table, target, chunk, excluded)
+    for value in (whole, sliced):
+        assert torch.allclose(value, expected, rtol=1e-12)
+        grads = torch.autograd.grad(value, (hidden, table))
+        assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-12) for g, e in zip(grads, expected_grads))
+        assert (grads[1][excluded] == 0).all() and (grads[1][kept].abs().sum(1) > 0).any()
+    assert not torch.allclose(whole, F.cross_entropy(hidden @ table.T, target))
+    with pytest.raises(ValueError, match="logits over 49 items"):
+        ExcludingCrossEntropy(torch.nn.CrossEntropyLoss(), excluded)(logits[:, :49], target)
 
 
 SEQ = {"train_neg_sample_args": None, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}

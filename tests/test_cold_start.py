@@ -3,7 +3,9 @@ valid/test, reported apart from warm items; an ID-only model is the floor on the
 
 import argparse
 import importlib.util
+import logging
 
+import pytest
 import torch
 import yaml
 
@@ -91,6 +93,40 @@ def test_cold_items_are_never_drawn_as_negatives_unless_asked(planted):
     assert 0.1 < share < 0.3  # uniform over the catalogue: about the cold items' 20%
 
 
+SMALL_FINDREC = {"embedding_size": 16, "align_dim": 16, "n_heads": 2, "n_experts": 2, "d_state": 4, "n_layers": 1,
+                 "mamba_backend": "torch", "MAX_ITEM_LIST_LENGTH": 10}
+
+
+@pytest.mark.parametrize("model,chunk", [("SASRec", None), ("SASRec", 16), ("GRU4Rec", None), ("SASRecMM", None),
+                                         ("FindRec", None), ("FindRec", 16)])
+def test_cross_entropy_models_leave_cold_items_out_of_the_softmax_unless_asked(planted, model, chunk):
+    # a softmax over all items is a negative of every item: strictly held out, a cold item's ID
+    # row gets no gradient at all; with cold_negatives it is pushed down like any non-target
+    small = SMALL_FINDREC if model == "FindRec" else {}
+    keys = {}
+    for as_negatives in (False, True):
+        config, (_, train, _, _, net) = _build(model, planted, cold_item_ratio=0.2, cold_seed=0, ce_item_chunk=chunk,
+                                               cold_negatives=as_negatives, **small, **SEQ)
+        if chunk:  # the trainer's swap (FindRec slices its own CE) must still reproduce the loss
+            get_trainer(config["MODEL_TYPE"], model)(config, net)._use_chunked_ce(train, chunk)
+            assert ("calculate_loss" in vars(net)) == (model != "FindRec")
+        loss = net.calculate_loss(next(iter(train)))
+        sum(loss if isinstance(loss, tuple) else [loss]).backward()
+        ids = getattr(net.item_embedding, "id_embedding", net.item_embedding)  # SASRecMM: E_id + W f
+        cold_rows = ids.weight.grad[train.dataset.cold_items]
+        assert (cold_rows.abs().sum(1) > 0).all() == as_negatives
+        assert (cold_rows == 0).all() != as_negatives
+        keys[as_negatives] = list(net.state_dict())
+    assert keys[False] == keys[True]  # checkpoints are the same either way
+
+
+def test_a_softmax_the_split_cannot_reach_is_named(planted, caplog):
+    # RecBole's BERT4Rec builds its cross-entropy inside calculate_loss: the cold items stay in it
+    with caplog.at_level(logging.WARNING):
+        _build("BERT4Rec", planted, cold_item_ratio=0.2, cold_seed=0, **SEQ)
+    assert "BERT4Rec's loss_fct is not a CrossEntropyLoss; the cold items stay in its softmax" in caplog.text
+
+
 def test_warm_cold_report_puts_an_id_model_at_the_floor_on_cold_items(planted):
     cold = {}
     for as_negatives in (True, False):
@@ -113,9 +149,8 @@ def test_findrec_scores_cold_items_from_their_features_with_feature_logits(plant
     # eq. 4's ID table gives a cold item only a negative's training; `feature_logits` adds the
     # item's projected features to its candidate vector, so a cold item that fits the planted
     # walk (its features carry its cluster and phase) is ranked from them
-    small = {"embedding_size": 16, "align_dim": 16, "n_heads": 2, "n_experts": 2, "d_state": 4, "n_layers": 1,
-             "mamba_backend": "torch", "warmup_steps": 5, "learning_rate": 0.005, "epochs": 6,
-             "MAX_ITEM_LIST_LENGTH": 10, "cold_item_ratio": 0.2, "cold_seed": 0, **SEQ}
+    small = {**SMALL_FINDREC, "warmup_steps": 5, "learning_rate": 0.005, "epochs": 6, "cold_item_ratio": 0.2,
+             "cold_seed": 0, **SEQ}
     cold = {}
     for feature_logits in (False, True):
         config, (_, train, valid, test, model) = _build("FindRec", planted, feature_logits=feature_logits, **small)

@@ -11,13 +11,14 @@ comparison gets the same cold items). After RecBole's (or the label) split:
   rows whose target is cold move likewise; cold items are removed from the remaining training
   rows' input lists (the lists are compacted, lengths shortened, rows left empty dropped), so no
   cold item is an input or a target in training;
-* sampled negatives: with ``cold_negatives: false`` (the default) the training loader's negative
-  sampler redraws every cold item it draws (:func:`keep_out_of_negatives`), so a cold item is in no
-  training pair at all, not even as the negative of a BPR pair. Otherwise each negative draw is a
-  cold item with the cold items' share of the catalogue, and a cold item's only training signal
-  pushes it down (with it, MambaRec's, MGCN's and FREEDOM's cold Recall@20 on TikTok was 0:
-  docs/results/cold-start-tiktok.md). Models trained with cross-entropy over all items keep the
-  cold items in the softmax's denominator either way (RecBole's loss sees the whole item table).
+* negatives: with ``cold_negatives: false`` (the default) a cold item is no training negative
+  either (:func:`keep_out_of_negatives`): the training loader's negative sampler redraws every cold
+  item it draws, and a sequential model trained with cross-entropy over all items has the cold
+  items' logits at ``-inf`` in its loss (out of the softmax's denominator, no gradient). So a cold
+  item is in no training pair at all. With ``cold_negatives: true`` a cold item is drawn as a
+  negative with the cold items' share of the catalogue and stays in the softmax, and its only
+  training signal pushes it down (with it, MambaRec's, MGCN's and FREEDOM's cold Recall@20 on
+  TikTok was 0; it stayed 0 without: docs/results/cold-start-tiktok.md).
 
 Item features stay known for every item (cold ones included): models that build item graphs from
 features (MambaRec, MGCN, FREEDOM) link a cold item to its nearest warm ones.
@@ -33,6 +34,10 @@ embedding got no positive signal.
 import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.utils import ModelType
+from torch import nn
+
+from recbole_mm.model.loss.chunked_ce import ExcludingCrossEntropy
 
 
 def draw_cold_items(item_ids: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
@@ -110,17 +115,31 @@ class _WarmDraws:
         return values
 
 
-def keep_out_of_negatives(train_data) -> None:
-    """Make the training loader's negative sampler never return a cold item (the module doc),
-    unless ``cold_negatives`` is set; nothing to do without cold items or negative sampling."""
+def keep_out_of_negatives(train_data, model) -> None:
+    """Make the training loader's negative sampler never return a cold item, and a cross-entropy
+    sequential ``model``'s softmax leave them out (the module doc), unless ``cold_negatives`` is set;
+    nothing to do without cold items."""
     dataset = train_data._dataset
     cold = getattr(dataset, "cold_items", None)
-    sampler = getattr(train_data, "_sampler", None)
-    if cold is None or sampler is None or dataset.config["cold_negatives"]:
+    if cold is None or dataset.config["cold_negatives"]:
         return
-    sampler.sampling = _WarmDraws(sampler.sampling, cold.numpy())
-    dataset.logger.info(f"cold-start: the {len(cold)} cold items are not drawn as training negatives "
-                        "(cold_negatives: false)")
+    sampler = getattr(train_data, "_sampler", None)
+    if sampler is not None:
+        sampler.sampling = _WarmDraws(sampler.sampling, cold.numpy())
+        dataset.logger.info(f"cold-start: the {len(cold)} cold items are not drawn as training negatives "
+                            "(cold_negatives: false)")
+    if model.type != ModelType.SEQUENTIAL or dataset.config["loss_type"] != "CE":
+        return
+    loss = getattr(model, "loss_fct", None)
+    if not isinstance(loss, nn.CrossEntropyLoss):
+        dataset.logger.warning(f"cold-start: {type(model).__name__}'s loss_fct is not a CrossEntropyLoss; "
+                               "the cold items stay in its softmax")
+        return
+    excluded = torch.zeros(model.n_items, dtype=torch.bool, device=model.device)
+    excluded[cold.to(model.device)] = True
+    model.loss_fct = ExcludingCrossEntropy(loss, excluded)
+    dataset.logger.info(f"cold-start: the {len(cold)} cold items are out of {type(model).__name__}'s training "
+                        "softmax (cold_negatives: false)")
 
 
 def _cat(a, b):

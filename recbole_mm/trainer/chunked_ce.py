@@ -18,7 +18,7 @@ exact loss (sampled softmax, which would trade it, is not offered).
 import torch
 from recbole.utils import ModelType
 
-from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
+from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy, excluded_items
 
 #: sequences of the first training batch on which the swap is checked
 CHECK_ROWS = 2
@@ -27,7 +27,8 @@ CHECK_ROWS = 2
 def _chunked_loss(model, chunk):
     def calculate_loss(interaction):
         hidden = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
-        return chunked_cross_entropy(hidden, model.item_embedding.weight, interaction[model.POS_ITEM_ID], chunk)
+        return chunked_cross_entropy(hidden, model.item_embedding.weight, interaction[model.POS_ITEM_ID], chunk,
+                                     excluded_items(model))
 
     return calculate_loss
 

@@ -18,10 +18,10 @@ def build_data_and_model(config, split_seed=None):
     dataset = create_dataset(config)
     getLogger().info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    keep_out_of_negatives(train_data)
     warn_about_split(dataset, valid_data, test_data)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    keep_out_of_negatives(train_data, model)
     return dataset, train_data, valid_data, test_data, model
 
 

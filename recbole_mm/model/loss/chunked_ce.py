@@ -3,20 +3,32 @@ gradients from slices of the item table (the forward pass keeps a running log-su
 the backward pass recomputes each slice's softmax). Peak memory is ``batch x chunk`` floats instead
 of ``batch x n_items``, for a second matrix product per slice in backward. Used by the trainer's
 ``ce_item_chunk`` (recbole_mm/trainer/chunked_ce.py) and by models that compute their CE term
-themselves (FindRec)."""
+themselves (FindRec).
+
+Both forms can leave items out of the softmax (:class:`ExcludingCrossEntropy`, ``excluded``): the
+cold-start split's held-out items, which would otherwise get a push down in every training step
+(recbole_mm/data/cold_start.py)."""
+
+from typing import Optional
 
 import torch
+from torch import nn
+
+
+def _slice_logits(hidden, table, excluded, lo, chunk):
+    logits = hidden @ table[lo:lo + chunk].T
+    return logits if excluded is None else logits.masked_fill(excluded[lo:lo + chunk], -torch.inf)
 
 
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, table, target, chunk):
+    def forward(ctx, hidden, table, target, chunk, excluded):
         lse = torch.full((hidden.shape[0],), -torch.inf, dtype=hidden.dtype, device=hidden.device)
         for lo in range(0, table.shape[0], chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(hidden @ table[lo:lo + chunk].T, dim=1))
+            lse = torch.logaddexp(lse, torch.logsumexp(_slice_logits(hidden, table, excluded, lo, chunk), dim=1))
         target_logit = (hidden * table[target]).sum(1)
         ctx.save_for_backward(hidden, table, target, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.excluded = chunk, excluded
         return (lse - target_logit).mean()
 
     @staticmethod
@@ -28,12 +40,37 @@ class _ChunkedCE(torch.autograd.Function):
         grad_table.index_add_(0, target, -hidden)
         for lo in range(0, table.shape[0], ctx.chunk):
             part = table[lo:lo + ctx.chunk]
-            prob = torch.exp(hidden @ part.T - lse.unsqueeze(1))  # softmax restricted to the slice
+            # softmax restricted to the slice; an excluded item's probability is exp(-inf) = 0
+            prob = torch.exp(_slice_logits(hidden, table, ctx.excluded, lo, ctx.chunk) - lse.unsqueeze(1))
             grad_hidden = grad_hidden + prob @ part
             grad_table[lo:lo + ctx.chunk] += prob.T @ hidden
-        return grad_hidden * scale, grad_table * scale, None, None
+        return grad_hidden * scale, grad_table * scale, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int):
-    """``F.cross_entropy(hidden @ table.T, target)`` (mean) computed ``chunk`` items at a time."""
-    return _ChunkedCE.apply(hidden, table, target, int(chunk))
+def chunked_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int,
+                          excluded: Optional[torch.Tensor] = None):
+    """``F.cross_entropy(hidden @ table.T, target)`` (mean) computed ``chunk`` items at a time;
+    ``excluded`` (``[n_items]`` bool): items whose logits are ``-inf``, out of the softmax."""
+    return _ChunkedCE.apply(hidden, table, target, int(chunk), excluded)
+
+
+class ExcludingCrossEntropy(nn.Module):
+    """A model's cross-entropy loss (``loss(logits, target)``, logits over the items on the last
+    axis) with the ``excluded`` items' logits set to ``-inf``: they are in no softmax denominator
+    and get no gradient. The mask is a non-persistent buffer, so checkpoints do not change."""
+
+    def __init__(self, loss: nn.Module, excluded: torch.Tensor):
+        super().__init__()
+        self.loss = loss
+        self.register_buffer("excluded", excluded, persistent=False)
+
+    def forward(self, logits, target):
+        if logits.shape[-1] != len(self.excluded):
+            raise ValueError(f"ExcludingCrossEntropy: logits over {logits.shape[-1]} items, the mask has "
+                             f"{len(self.excluded)}")
+        return self.loss(logits.masked_fill(self.excluded, -torch.inf), target)
+
+
+def excluded_items(model) -> Optional[torch.Tensor]:
+    """The ``[n_items]`` bool mask of items ``model``'s loss leaves out of the softmax, or ``None``."""
+    return getattr(getattr(model, "loss_fct", None), "excluded", None)

@@ -19,7 +19,7 @@ from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, dataset_
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import MambaEncoder
-from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy
+from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy, excluded_items
 from recbole_mm.model.loss.gradient_share import GradientShare
 from recbole_mm.model.loss.stein import IICMLoss
 
@@ -243,7 +243,7 @@ class FindRec(SequentialRecommender):
         seq_output, views, posteriors = self._encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         target = interaction[self.POS_ITEM_ID]
         if self.ce_item_chunk:
-            ce = chunked_cross_entropy(seq_output, self.item_table(), target, self.ce_item_chunk)
+            ce = chunked_cross_entropy(seq_output, self.item_table(), target, self.ce_item_chunk, excluded_items(self))
         else:
             ce = self.loss_fct(seq_output @ self.item_table().t(), target)
         terms = {"ce": ce}
