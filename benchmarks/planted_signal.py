@@ -1,6 +1,6 @@
 """FindRec on planted-signal data where the item features carry the signal and a fifth of the items
-are cold, with and without feature_logits, each against its twin on noise features, and SASRec of
-the same width (the suite template benchmarks/findrec_planted.yaml).
+are cold, with and without feature_logits, each against its twin on noise features, and SASRec and
+SASRec (MM) of the same width (the suite template benchmarks/findrec_planted.yaml).
 
     python benchmarks/planted_signal.py --out benchmarks/out/planted [--seeds 3] [--shard 1/2]
 
