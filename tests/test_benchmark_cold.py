@@ -64,8 +64,7 @@ def test_cold_run_reports_warm_and_cold_metrics_as_evaluate_warm_cold_does(plant
     assert "| cold items | warm / cold targets | warm recall@10 |" in table and "| cold ndcg@20 |" in table
     assert f"| BPR | 1 | 24 | {bpr['warm_targets']} / {bpr['cold_targets']} | {float(bpr['warm_recall@10']):.4f} |" in table
     against = summary.split("## Against BPR")[1]
-    assert "| VBPR | recall@20 |" in against and "| VBPR | cold recall@20 |" in against
-    assert "| VBPR | warm recall@20 |" not in against
+    assert all(f"| VBPR | {m} |" in against for m in ("recall@20", "warm recall@20", "cold recall@20"))
 
 
 def test_run_without_cold_items_has_no_warm_or_cold_columns(planted, tmp_path):
@@ -102,3 +101,28 @@ def test_summary_tests_cold_metrics_over_seeds(tmp_path):
     assert f"| A | cold recall@20 | {a.mean():.4f} | {np.mean(cold['B']):.4f} | {gain:+.1%} | {p:.3f} | – |" in summary
     # a suite without paper numbers says why instead of showing an empty table
     assert "## Paper vs ours\n\nNo paper numbers: no paper reports cold-start numbers" in summary
+
+
+def test_summary_tests_the_suites_pairs_on_warm_and_cold_metrics(tmp_path):
+    # a strict run against its twin with cold items as negatives, besides both against the reference
+    cold = {"R": [0.01, 0.02, 0.01], "S": [0.30, 0.36, 0.33], "N": [0.12, 0.15, 0.11]}
+    warm = {"R": [0.40, 0.41, 0.42], "S": [0.34, 0.35, 0.33], "N": [0.36, 0.38, 0.37]}
+    rows = []
+    for label in cold:
+        for i in range(3):
+            rows.append({**_fake_row(label, 2020 + i, cold[label][i]), "warm_recall@20": warm[label][i]})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    entries = [Entry(label, label) for label in cold]
+    runs = [Run(label, label, "d", 2020 + i, 2020, (), {}, "h") for label in cold for i in range(3)]
+    suite = Suite("s", "d", entries, reference="R", pairs=[["S", "N"]],
+                  paper={"source": "no paper reports cold-start numbers", "metrics": {}})
+    summary = summarise(suite, runs, tmp_path / "results.csv", tmp_path).read_text()
+    pair = summary[summary.index("## S against N"):]
+    for group, values in (("warm", warm), ("cold", cold)):
+        s, n = np.mean(values["S"]), np.mean(values["N"])
+        p = stats.ttest_rel(values["S"], values["N"]).pvalue
+        assert f"| S | {group} recall@20 | {s:.4f} | {n:.4f} | {s / n - 1:+.1%} | {p:.3f} | – |" in pair
+    assert "\n| N |" not in pair and "| S | warm recall@20 |" in summary[:summary.index("## S against N")]
+    for bad in (["S", "S"], ["S", "X"], ["S"]):
+        with pytest.raises(ValueError, match="a pair is two different labels"):
+            Suite("s", "d", entries, pairs=[bad])

@@ -15,6 +15,7 @@ A suite is a YAML file (``benchmarks/suites/*.yaml``)::
       - {label: "FindRec w/o IICM", model: FindRec, config: {use_iicm: false}}
     paper: {source: "...", metrics: {label: {ndcg@10: 0.1027}}}   # optional, shown beside ours
     notes: "..."                       # optional, copied into the summary
+    pairs: [["FindRec w/o IICM", "SASRec"]]   # optional, tested one against the other as well
 
 ``--models A B`` on the command line is the suite ``runs: [A, B]`` with no paper numbers.
 
@@ -79,6 +80,8 @@ class Suite:
     config_files: List[str] = field(default_factory=list)
     paper: Optional[Dict] = None
     notes: str = ""
+    #: ``(label, against)`` pairs the summary tests besides everything against the reference
+    pairs: List[Tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self):
         labels = [e.label for e in self.entries]
@@ -89,9 +92,14 @@ class Suite:
         self.reference = self.reference or labels[0]
         if self.reference not in labels:
             raise ValueError(f"suite {self.name!r}: reference {self.reference!r} is not one of {labels}")
+        self.pairs = [tuple(pair) for pair in self.pairs]
+        for pair in self.pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(labels):
+                raise ValueError(f"suite {self.name!r}: a pair is two different labels of {labels}, got {list(pair)}")
 
 
-_SUITE_KEYS = {"name", "title", "dataset", "seeds", "reference", "config", "config_files", "runs", "paper", "notes"}
+_SUITE_KEYS = {"name", "title", "dataset", "seeds", "reference", "config", "config_files", "runs", "paper", "notes",
+               "pairs"}
 
 
 def _entry(item) -> Entry:
@@ -114,7 +122,7 @@ def load_suite(path) -> Suite:
                  title=raw.get("title", ""),
                  seeds=raw.get("seeds", 3), reference=raw.get("reference"), config=dict(raw.get("config") or {}),
                  config_files=[str((path.parent / f).resolve()) for f in raw.get("config_files") or []],
-                 paper=raw.get("paper"), notes=raw.get("notes", ""))
+                 paper=raw.get("paper"), notes=raw.get("notes", ""), pairs=raw.get("pairs") or [])
 
 
 @dataclass(frozen=True)

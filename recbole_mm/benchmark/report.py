@@ -7,15 +7,15 @@ plan's labels, so one CSV can hold many suites and stale configurations without 
 * cost: best epoch, epochs run, training seconds per epoch, inference seconds for one
   full-ranking pass over the test users, peak memory (CUDA max allocated on a GPU, else peak
   RSS) and trainable parameters;
-* significance against the reference label: relative gain of the means, a paired t-test over
-  the seeds both have, and a Wilcoxon signed-rank test over the users' metric values of the
-  last seed both have (users matched by id);
+* significance against the reference label, and within each of the suite's ``pairs``: relative
+  gain of the means, a paired t-test over the seeds both have, and a Wilcoxon signed-rank test
+  over the users' metric values of the last seed both have (users matched by id);
 * the paper's numbers beside ours, when the suite states them, with the order of the labels by
   the first paper metric in both;
 * cold-start runs (``cold_item_ratio``; the worker's ``warm_<metric>`` and ``cold_<metric>``
   columns): a "Warm and cold items" table, mean ± std over seeds of every test metric on warm and
-  on cold targets, and the cold metrics in the significance table (paired t over seeds only: the
-  per-user values are kept for the whole test set).
+  on cold targets, and the warm and cold metrics in the significance tables (paired t over seeds
+  only: the per-user values are kept for the whole test set).
 """
 
 import warnings
@@ -117,15 +117,16 @@ def user_wilcoxon(per_user_dir: Path, run: pd.Series, ref: pd.Series, metric: st
     return float(stats.wilcoxon(diff).pvalue)
 
 
-def _significance(frame, suite, metrics, per_user_dir) -> Optional[str]:
-    ref = frame[frame.label == suite.reference]
+def _significance(frame, reference, labels, metrics, per_user_dir) -> Optional[str]:
+    """Every one of ``labels`` (other than ``reference``) tested against ``reference``."""
+    ref = frame[frame.label == reference]
     if ref.empty:
         return None
     rows = []
-    for label in frame.label.unique():
-        if label == suite.reference:
-            continue
+    for label in labels:
         mine = frame[frame.label == label]
+        if label == reference or mine.empty:
+            continue
         common = sorted(set(mine.seed) & set(ref.seed))
         last = common[-1] if common else None
         for column in metrics:
@@ -135,11 +136,11 @@ def _significance(frame, suite, metrics, per_user_dir) -> Optional[str]:
                 per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
             rows.append([label, _metric_name(column), _fmt(mine[column].mean()), _fmt(ref[column].mean()),
                          "–" if not np.isfinite(gain) else f"{gain:+.1%}",
-                         _fmt(seed_ttest(frame, label, suite.reference, column), 3),
+                         _fmt(seed_ttest(frame, label, reference, column), 3),
                          "–" if p_user is None else f"{_fmt(p_user, 3)} (seed {last})"])
-    header = ["label", "metric", "mean", f"{suite.reference}", "gain", "p, paired t (seeds)",
+    header = ["label", "metric", "mean", f"{reference}", "gain", "p, paired t (seeds)",
               "p, Wilcoxon (users, last seed)"]
-    return _table(header, rows)
+    return _table(header, rows) if rows else None
 
 
 def _paper(frame, suite) -> Optional[str]:
@@ -234,9 +235,14 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
                   "Warm targets: test interactions with an item that has training interactions; cold: with one "
                   "of the items held out of training entirely (`cold_item_ratio`). Both rank all items. An "
                   "ID-only model's cold items got no positive signal: it is the floor there."]
-    significance = _significance(frame, suite, metrics + cold, out_dir / "per_user")
+    tested = metrics + warm + cold
+    significance = _significance(frame, suite.reference, frame.label.unique(), tested, out_dir / "per_user")
     if significance:
         parts += [f"## Against {suite.reference}", significance]
+    for label, against in suite.pairs:
+        pair = _significance(frame, against, [label], tested, out_dir / "per_user")
+        if pair:
+            parts += [f"## {label} against {against}", pair]
     paper = _paper(frame, suite)
     if paper:
         parts += ["## Paper vs ours", paper]
