@@ -208,13 +208,15 @@ def _dense_knn_reference(features, k, valid):
     return inv[:, None] * a * inv[None, :]
 
 
-def test_knn_graph_equals_dense_brute_force():
+@pytest.mark.parametrize("block_size, item_block", [(7, 65536), (7, 5), (64, 11)])
+def test_knn_graph_equals_dense_brute_force(block_size, item_block):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(30, 6, generator=g)
     feats[0] = 0.0  # padding row: no features
     mask = torch.ones(30, dtype=torch.bool)
     mask[7] = False  # an item whose features are missing
-    graph = build_knn_graph(feats, 4, mask=mask, block_size=7)  # several blocks, one partial
+    # several row and item blocks, partial ones, item blocks narrower than k and than a row block
+    graph = build_knn_graph(feats, 4, mask=mask, block_size=block_size, item_block=item_block)
     valid = mask & (feats.abs().sum(1) > 0)
     expected = _dense_knn_reference(feats, 4, valid)
     dense = graph.to_dense()
@@ -243,6 +245,16 @@ def test_blockwise_knn_build_peaks_below_the_dense_similarity_matrix():
     dense = _peak_cpu_bytes(lambda: (F.normalize(feats, dim=1) @ F.normalize(feats, dim=1).T).topk(11, dim=1))
     assert dense >= n * n * 4  # the n x n float32 similarity matrix
     assert blockwise < dense / 3
+
+
+def test_knn_build_peak_is_bounded_by_the_item_block_not_the_catalogue():
+    # a catalogue-scale build must not hold one row block against every item (4 GB at 1M items)
+    n, rows = 12000, 1024
+    feats = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    one_item_block = _peak_cpu_bytes(lambda: build_knn_graph(feats, 2, block_size=rows, item_block=n))
+    item_blocks = _peak_cpu_bytes(lambda: build_knn_graph(feats, 2, block_size=rows, item_block=1024))
+    assert one_item_block >= rows * n * 4  # the [rows, n] float32 similarity block
+    assert item_blocks < rows * n * 4 / 3
 
 
 def test_knn_graph_cache_is_reused_and_keyed_by_the_features(tmp_path, monkeypatch):

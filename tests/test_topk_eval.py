@@ -13,7 +13,8 @@ from recbole.trainer import Trainer
 from conftest import TINY
 from recbole_mm import Config
 from recbole_mm.evaluation.scorers import make_scorer
-from recbole_mm.evaluation.topk import CHECK_USERS, blocked_topk, merge_topk, topk_hits, use_blocked
+from recbole_mm.evaluation.topk import CHECK_USERS, blocked_topk, topk_hits, use_blocked
+from recbole_mm.model.layers.blocks import merge_topk
 from recbole_mm.trainer.scale import with_scale_hooks
 from recbole_mm.registry import get_trainer
 

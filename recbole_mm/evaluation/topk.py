@@ -34,24 +34,13 @@ from recbole.utils import EvaluatorType
 from tqdm import tqdm
 
 from recbole_mm.evaluation.scorers import make_scorer
+from recbole_mm.model.layers.blocks import merge_topk
 
 MODES = ("auto", "blocked", "recbole")
 #: collector entries this path produces; any other needed entry means RecBole's path
 TOPK_NEEDS = {"rec.topk", "rec.items", "data.num_items", "data.num_users", "data.count_items", "data.count_users"}
 #: users of the first chunk on which a recognised scorer is checked against full_sort_predict
 CHECK_USERS = 8
-
-
-def merge_topk(state, item_lo: int, scores: torch.Tensor, k: int):
-    """Running top-k: ``state`` (``(values, item ids)`` or ``None``) merged with a block of
-    ``scores`` for items ``item_lo, item_lo + width``."""
-    values, ids = scores.topk(min(k, scores.shape[1]), dim=1)
-    ids = ids + item_lo
-    if state is None:
-        return values, ids
-    values, ids = torch.cat([state[0], values], 1), torch.cat([state[1], ids], 1)
-    values, pos = values.topk(min(k, values.shape[1]), dim=1)
-    return values, ids.gather(1, pos)
 
 
 def mask_block(scores: torch.Tensor, rows: slice, item_lo: int, history) -> None:

@@ -6,8 +6,10 @@
   (the GCN operator). MGCN instead keeps the directed kNN (self included, since ``cos(i, i) = 1``
   ranks first) with row-degree normalisation; the symmetric form is a proper symmetric operator
   whatever ``k`` is. Items without features (mask False, and the padding row 0) take no part: their
-  rows and columns are empty. The build is block-wise: a block of rows against all items, top-k,
-  next block; peak memory ``O(block_size * n_items)``, never an ``n_items^2`` dense matrix.
+  rows and columns are empty. The build is block-wise in both directions: a block of rows against
+  one block of items at a time with a running top-k, so peak memory is ``O(block_size *
+  item_block)`` whatever the catalogue (a 1024-row block against all of a million items would be
+  a 4 GB similarity block), never an ``n_items^2`` dense matrix.
 * The graph is a constant (frozen) sparse tensor; ``load_or_build_knn_graph`` caches it on disk,
   keyed by a hash of the feature matrix (in internal-id order), ``k`` and the format version, so a
   changed feature file or id mapping is never served from a stale cache.
@@ -31,6 +33,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from recbole_mm.model.layers.blocks import merge_topk
+
 logger = logging.getLogger(__name__)
 
 _KNN_FORMAT = "knn-sym-selfloop-v1"
@@ -49,12 +53,14 @@ def _sym_normalise(rows: torch.Tensor, cols: torch.Tensor, size: Tuple[int, int]
 
 @torch.no_grad()
 def build_knn_graph(
-    features: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None, block_size: int = 1024
+    features: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None, block_size: int = 1024,
+    item_block: int = 65536,
 ) -> torch.Tensor:
     """Symmetric-normalised kNN graph ``[n, n]`` (sparse COO, float32) over the rows of ``features``.
 
     ``mask[i]`` False excludes item ``i``; by default rows that are all zero are excluded. ``k`` is
-    capped at the number of other valid items.
+    capped at the number of other valid items. Similarities are computed ``[block_size,
+    item_block]`` at a time.
     """
     feats = features.detach().float().cpu()
     n = feats.shape[0]
@@ -64,13 +70,18 @@ def build_knn_graph(
     if k < 1:
         raise ValueError(f"kNN graph needs at least 2 items with features, got {valid_ids.numel()}")
     normed = F.normalize(feats[valid_ids], dim=1)
-    nbrs = []
-    for start in range(0, normed.shape[0], block_size):
-        sim = normed[start : start + block_size] @ normed.T  # [block, n_valid]
-        rows = torch.arange(start, start + sim.shape[0])
-        sim[torch.arange(sim.shape[0]), rows] = -float("inf")  # neighbours are other items
-        nbrs.append(sim.topk(k, dim=1).indices)
-        del sim
+    n_valid, nbrs = normed.shape[0], []
+    for start in range(0, n_valid, block_size):
+        block, best = normed[start : start + block_size], None
+        for lo in range(0, n_valid, item_block):
+            sim = block @ normed[lo : lo + item_block].T  # [block, item block]
+            own_lo, own_hi = max(start, lo), min(start + block.shape[0], lo + sim.shape[1])
+            if own_lo < own_hi:  # the block's own items are in this item block: neighbours are other items
+                own = torch.arange(own_lo, own_hi)
+                sim[own - start, own - lo] = -float("inf")
+            best = merge_topk(best, lo, sim, k)
+            del sim
+        nbrs.append(best[1])
     nbr = torch.cat(nbrs)  # [n_valid, k], positions in valid_ids
     src = valid_ids.repeat_interleave(k)
     dst = valid_ids[nbr.flatten()]
