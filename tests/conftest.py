@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline, on data they generate or on RecBole's bundled ml-100k;
 tests that need ../shared/data skip with a reason when it is absent."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from recbole_mm.data.synthetic import make_planted_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_benchmark_script(name):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_dataset(name):

@@ -6,11 +6,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 from scipy import stats
 
-from conftest import REPO
+from conftest import REPO, load_benchmark_script
 from recbole_mm.benchmark import main
 from recbole_mm.benchmark.cli import parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
@@ -214,3 +216,28 @@ def test_run_recbole_mm_routes_the_benchmark_subcommand(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_recbole_mm.main(["benchmark", "--help"])
     assert exit_.value.code == 0 and "--models" in capsys.readouterr().out
+
+
+def test_per_user_breakdown_buckets_users_by_history_and_test_item_popularity():
+    script = load_benchmark_script("per_user_breakdown")
+    assert script.bucket_labels([5, 10]) == ["<5", "5-9", ">=10"]
+
+    # users 1-4 train on items 1-3; user 1 and 2 are tested on item 1 (3 training interactions),
+    # user 3 on items 2 and 3 (2 and 1: mean 1.5), user 4 on item 4 (none)
+    def part(users, items):
+        inter = {"user_id": torch.tensor(users), "item_id": torch.tensor(items)}
+        return SimpleNamespace(dataset=SimpleNamespace(uid_field="user_id", iid_field="item_id", user_num=5,
+                                                       item_num=5, inter_feat=inter))
+    train = part([1, 1, 1, 2, 3, 4], [1, 2, 3, 1, 1, 2])
+    test = part([1, 2, 3, 3, 4], [1, 1, 2, 3, 4])
+    keys = script.user_keys(train, test)
+    assert keys["history"].to_dict() == {1: 3, 2: 1, 3: 1, 4: 1}
+    assert keys["popularity"].to_dict() == {1: 3.0, 2: 3.0, 3: 1.5, 4: 0.0}
+
+    # label A: two seeds, averaged per bucket after averaging over the bucket's users
+    a = [pd.Series([1.0, 0.0, 0.5, 0.25], index=[1, 2, 3, 4]), pd.Series([0.0, 0.0, 1.0, 0.75], index=[4, 3, 2, 1])]
+    b = [pd.Series([0.2, 0.4, 0.6, 0.8], index=[1, 2, 3, 4])]
+    table = script.breakdown({"A": a, "B": b}, keys["popularity"], [1, 3])  # <1: user 4; 1-2: 3; >=3: 1, 2
+    assert list(table.index) == ["<1", "1-2", ">=3"] and table["users"].tolist() == [1, 1, 2]
+    assert table["A"].tolist() == pytest.approx([(0.25 + 0.0) / 2, (0.5 + 0.0) / 2, ((1.0 + 0.0) / 2 + (0.75 + 1.0) / 2) / 2])
+    assert table["B"].tolist() == pytest.approx([0.8, 0.6, 0.3])

@@ -2,14 +2,13 @@
 valid/test, reported apart from warm items; an ID-only model is the floor on them."""
 
 import argparse
-import importlib.util
 import logging
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY
+from conftest import TINY, load_benchmark_script
 from recbole_mm import Config
 from recbole_mm.data.cold_start import draw_cold_items, evaluate_warm_cold
 from recbole_mm.quick_start.quick_start import build_data_and_model
@@ -17,14 +16,6 @@ from recbole_mm.registry import get_trainer
 
 SEQ = {"train_neg_sample_args": None, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
 GENERAL = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"}}
-
-
-def _load_script(name):
-    """A benchmark script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _build(model, planted, **overrides):
@@ -178,7 +169,7 @@ def test_mambarec_scores_cold_items_through_its_feature_graph(planted):
 def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_path):
     # benchmarks/cold_start_probe.py ranks from the scores itself (to try other cold embeddings):
     # its masks and per-user sets must give exactly what evaluate_warm_cold reports
-    probe = _load_script("cold_start_probe").probe
+    probe = load_benchmark_script("cold_start_probe").probe
     root, name = planted
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"name": "probe", "dataset": name, "runs": ["VBPR"], "config": {

@@ -10,15 +10,21 @@ from recbole_mm.data.cold_start import keep_out_of_negatives
 from recbole_mm.registry import create_dataset, get_model
 
 
-def build_data_and_model(config, split_seed=None):
-    """RecBole's run order through the registry: the dataset built and split under ``split_seed``
-    (default ``config['seed']``), then the model initialised under ``config['seed']``.
-    Returns ``dataset, train_data, valid_data, test_data, model``."""
+def build_data(config, split_seed=None):
+    """The dataset built through the registry and split under ``split_seed`` (default
+    ``config['seed']``). Returns ``dataset, train_data, valid_data, test_data``."""
     init_seed(config["seed"] if split_seed is None else split_seed, config["reproducibility"])
     dataset = create_dataset(config)
     getLogger().info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     warn_about_split(dataset, valid_data, test_data)
+    return dataset, train_data, valid_data, test_data
+
+
+def build_data_and_model(config, split_seed=None):
+    """RecBole's run order: :func:`build_data`, then the model initialised under ``config['seed']``.
+    Returns ``dataset, train_data, valid_data, test_data, model``."""
+    dataset, train_data, valid_data, test_data = build_data(config, split_seed)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     keep_out_of_negatives(train_data, model)
