@@ -8,7 +8,8 @@ recbole_mm.benchmark`` wrote (``results.csv`` and ``per_user/*.npz`` of one or m
 folders run with the same suite or subsets of it: the runs are matched by their config hashes),
 rebuilds the suite's split as the harness does (the reference entry's config, the split seed; the
 fingerprint of the valid and test interactions must equal the runs' ``split_hash``), and writes,
-per bucket, each label's metric averaged over its users and then over its seeds.
+per bucket (about a fifth of the test users each), each label's metric averaged over the bucket's
+users and then over its seeds.
 
 * history: the user's training interactions;
 * popularity: the mean training interactions of the user's test items (leave-one-out: its one
@@ -29,13 +30,21 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
-HISTORY_EDGES = [7, 10, 15, 25]
-POPULARITY_EDGES = [5, 10, 20, 40, 80]
+BUCKETS = 5
+
+
+def quantile_edges(values: np.ndarray, buckets: int = BUCKETS) -> List[int]:
+    """Integer bucket edges at the ``buckets``-quantiles of ``values`` (fewer where they tie), so
+    that each bucket holds about as many users whatever the dataset's spread."""
+    cuts = np.ceil(np.quantile(values, np.arange(1, buckets) / buckets)).astype(int)
+    return sorted({int(c) for c in cuts if c > np.min(values)})  # an edge at the minimum opens an empty bucket
 
 
 def bucket_labels(edges: List[int]) -> List[str]:
-    """``<e0``, ``e0-(e1-1)``, ..., ``>=e_last``: the ranges ``np.digitize(x, edges)`` numbers 0, 1, ..."""
-    return [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])] + [f">={edges[-1]}"]
+    """``<e0``, ``e0-(e1-1)`` (``e0`` alone where ``e1 = e0 + 1``), ..., ``>=e_last``: the integer
+    ranges that ``np.digitize(x, edges)`` numbers 0, 1, ..."""
+    inner = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+    return [f"<{edges[0]}"] + inner + [f">={edges[-1]}"]
 
 
 def breakdown(per_user: Dict[str, List[pd.Series]], key: pd.Series, edges: List[int]) -> pd.DataFrame:
@@ -108,9 +117,9 @@ def main(argv=None) -> int:
     seeds = ", ".join(f"{label} {len(s)}" for label, s in runs.items())
     lines = [f"Test {args.metric} per user, mean over the bucket's users, then over seeds ({seeds}); "
              f"suite {suite.name}, split {here}.", ""]
-    for title, column, edges in (("user's training interactions", "history", HISTORY_EDGES),
-                                 ("test item's training interactions", "popularity", POPULARITY_EDGES)):
-        table = breakdown(runs, keys[column], edges)
+    for title, column in (("user's training interactions", "history"),
+                          ("test item's training interactions", "popularity")):
+        table = breakdown(runs, keys[column], quantile_edges(keys[column].to_numpy()))
         lines += [f"| {title} | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
         lines += [f"| {name} | {int(row['users'])} | " + " | ".join(f"{v:.4f}" for v in row.iloc[1:]) + " |"
                   for name, row in table.iterrows()]

@@ -221,6 +221,10 @@ def test_run_recbole_mm_routes_the_benchmark_subcommand(capsys):
 def test_per_user_breakdown_buckets_users_by_history_and_test_item_popularity():
     script = load_benchmark_script("per_user_breakdown")
     assert script.bucket_labels([5, 10]) == ["<5", "5-9", ">=10"]
+    assert script.bucket_labels([1, 2, 3]) == ["<1", "1", "2", ">=3"]
+    assert script.quantile_edges(np.arange(100)) == [20, 40, 60, 80]  # 20 users a bucket
+    # ties: half the users at the minimum; no empty bucket below it
+    assert script.quantile_edges(np.array([1] * 50 + [2] * 30 + [5] * 20)) == [2, 3]
 
     # users 1-4 train on items 1-3; user 1 and 2 are tested on item 1 (3 training interactions),
     # user 3 on items 2 and 3 (2 and 1: mean 1.5), user 4 on item 4 (none)
