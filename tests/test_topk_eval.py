@@ -14,7 +14,7 @@ from conftest import TINY
 from recbole_mm import Config
 from recbole_mm.evaluation.scorers import make_scorer
 from recbole_mm.evaluation.topk import CHECK_USERS, blocked_topk, topk_hits, use_blocked
-from recbole_mm.model.layers.blocks import merge_topk
+from recbole_mm.model.layers.blocks import TOPK_GROUPED_WIDTH, block_topk, merge_topk
 from recbole_mm.trainer.scale import with_scale_hooks
 from recbole_mm.registry import get_trainer
 
@@ -51,6 +51,23 @@ def test_merge_topk_keeps_the_best_of_both():
     state = merge_topk(None, 0, torch.tensor([[5.0, 1.0, 3.0]]), 2)
     values, ids = merge_topk(state, 3, torch.tensor([[4.0, 6.0]]), 2)
     assert ids.tolist() == [[4, 0]] and values.tolist() == [[6.0, 5.0]]
+
+
+@pytest.mark.parametrize("extra", [0, 37])  # whole groups only; a last partial group
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_block_topk_equals_torch_topk_on_wide_blocks(k, extra):
+    gen = torch.Generator().manual_seed(k + extra)
+    width = TOPK_GROUPED_WIDTH + extra
+    scores = (torch.randn(6, width, generator=gen) * 8).round()  # many equal values
+    scores[:, torch.randint(0, width, (width // 3,), generator=gen)] = -float("inf")  # masked history
+    scores[1, :] = -float("inf")
+    scores[1, [5, width - 1]] = 2.0  # fewer finite scores than k
+    scores[2, width - 3] = 1e6  # the best column in the partial group (or the last whole one)
+    values, ids = block_topk(scores, k)
+    assert torch.equal(values, scores.topk(k, dim=1).values)
+    assert torch.equal(scores.gather(1, ids), values)  # ids name columns holding those values
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert ids[2, 0] == width - 3
 
 
 def test_topk_hits_equal_recbole_collector():
