@@ -51,12 +51,11 @@ def breakdown(per_user: Dict[str, List[pd.Series]], key: pd.Series, edges: List[
     """Rows = buckets of ``key`` (indexed by user id), columns = labels: the metric's mean over the
     bucket's users, averaged over the label's seeds (each a per-user Series indexed by user id)."""
     bins = pd.Series(np.digitize(key.to_numpy(), edges), index=key.index)
-    names = bucket_labels(edges)
-    table = {"users": bins.value_counts().sort_index().rename(index=lambda b: names[b])}
+    table = {"users": bins.value_counts()}
     for label, seeds in per_user.items():
-        means = [s.groupby(bins.reindex(s.index)).mean() for s in seeds]
-        table[label] = pd.concat(means, axis=1).mean(axis=1).rename(index=lambda b: names[b])
-    return pd.DataFrame(table)
+        table[label] = pd.concat([s.groupby(bins.reindex(s.index)).mean() for s in seeds], axis=1).mean(axis=1)
+    names = bucket_labels(edges)
+    return pd.DataFrame(table).sort_index().rename(index=lambda b: names[b])  # buckets in order, then named
 
 
 def user_keys(train, test) -> pd.DataFrame:
@@ -64,8 +63,8 @@ def user_keys(train, test) -> pd.DataFrame:
     their test items (``popularity``)."""
     dataset = train.dataset
     uid, iid = dataset.uid_field, dataset.iid_field
-    history = np.bincount(train.dataset.inter_feat[uid].numpy(), minlength=dataset.user_num)
-    popularity = np.bincount(train.dataset.inter_feat[iid].numpy(), minlength=dataset.item_num)
+    history = np.bincount(dataset.inter_feat[uid].numpy(), minlength=dataset.user_num)
+    popularity = np.bincount(dataset.inter_feat[iid].numpy(), minlength=dataset.item_num)
     tests = pd.DataFrame({"user": test.dataset.inter_feat[uid].numpy(),
                           "pop": popularity[test.dataset.inter_feat[iid].numpy()]})
     keys = tests.groupby("user")["pop"].mean().to_frame("popularity")
