@@ -76,12 +76,12 @@ def load_runs(suite, outs: List[Path], metric: str) -> Tuple[Dict[str, List[pd.S
     """Per label, one per-user Series of ``metric`` per finished seed, over every ``--out``; and
     the split fingerprints of those runs."""
     from recbole_mm.benchmark.plan import plan_runs
-    from recbole_mm.benchmark.report import planned_results
+    from recbole_mm.benchmark.report import per_user_file, planned_results
 
     runs, found, splits = plan_runs(suite), {}, set()
     for out in outs:
         for _, row in planned_results(runs, out / "results.csv").iterrows():
-            path = out / "per_user" / f"{row.model}-seed{row.seed}-{row.config_hash}.npz"
+            path = per_user_file(out / "per_user", row)
             if path.is_file() and row.seed not in {s.name for s in found.get(row.label, [])}:
                 data = np.load(path)
                 found.setdefault(row.label, []).append(pd.Series(data[metric], index=data["user_id"], name=row.seed))

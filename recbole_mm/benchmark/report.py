@@ -102,9 +102,14 @@ def seed_ttest(frame: pd.DataFrame, label: str, reference: str, column: str) -> 
         return float(stats.ttest_rel(pair[label], pair[reference]).pvalue)
 
 
+def per_user_file(per_user_dir: Path, row: pd.Series) -> Path:
+    """Where the harness saved a result row's per-user metrics."""
+    return Path(per_user_dir) / f"{row.model}-seed{row.seed}-{row.config_hash}.npz"
+
+
 def user_wilcoxon(per_user_dir: Path, run: pd.Series, ref: pd.Series, metric: str) -> float:
     """Two-sided Wilcoxon signed-rank test of one metric over the users of two runs."""
-    files = [Path(per_user_dir) / f"{r.model}-seed{r.seed}-{r.config_hash}.npz" for r in (run, ref)]
+    files = [per_user_file(per_user_dir, r) for r in (run, ref)]
     if not all(f.is_file() for f in files):
         return float("nan")
     a, b = (np.load(f) for f in files)
