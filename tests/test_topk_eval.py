@@ -14,7 +14,7 @@ from conftest import TINY
 from recbole_mm import Config
 from recbole_mm.evaluation.scorers import make_scorer
 from recbole_mm.evaluation.topk import CHECK_USERS, blocked_topk, topk_hits, use_blocked
-from recbole_mm.model.layers.blocks import TOPK_GROUPED_WIDTH, block_topk, merge_topk
+from recbole_mm.model.layers.blocks import TOPK_GROUPED_WIDTH, BlockProduct, block_topk, merge_topk
 from recbole_mm.trainer.scale import with_scale_hooks
 from recbole_mm.registry import get_trainer
 
@@ -51,6 +51,21 @@ def test_merge_topk_keeps_the_best_of_both():
     state = merge_topk(None, 0, torch.tensor([[5.0, 1.0, 3.0]]), 2)
     values, ids = merge_topk(state, 3, torch.tensor([[4.0, 6.0]]), 2)
     assert ids.tolist() == [[4, 0]] and values.tolist() == [[6.0, 5.0]]
+
+
+def test_block_product_reuses_one_buffer_and_keeps_autograd():
+    gen = torch.Generator().manual_seed(3)
+    product, table = BlockProduct(), torch.randn(50, 8, generator=gen)
+    users = torch.randn(7, 8, generator=gen)
+    pointers = set()
+    for lo, width in ((0, 20), (20, 20), (40, 10), (0, 50)):  # shrinking, then growing
+        got = product(users, table[lo:lo + width])
+        torch.testing.assert_close(got, users @ table[lo:lo + width].T, rtol=0, atol=1e-6)
+        pointers.add(got.data_ptr())
+    assert len(pointers) == 2  # one buffer until a block needs more room
+    users.requires_grad_(True)
+    product(users, table).sum().backward()  # a plain product where autograd needs one
+    torch.testing.assert_close(users.grad, table.sum(0).expand(7, -1))
 
 
 @pytest.mark.parametrize("extra", [0, 37])  # whole groups only; a last partial group

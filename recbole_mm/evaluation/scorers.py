@@ -31,6 +31,8 @@ from typing import Callable, Iterator, Tuple
 
 import torch
 
+from recbole_mm.model.layers.blocks import BlockProduct
+
 Block = Tuple[slice, int, torch.Tensor]
 
 
@@ -41,10 +43,10 @@ class EmbeddingScorer:
         self.name, self.user_fn, self.item_table = name, user_fn, item_table
 
     def blocks(self, interaction, n_items: int, item_block: int, budget: int) -> Iterator[Block]:
-        users = self.user_fn(interaction)
+        users, product = self.user_fn(interaction), BlockProduct()
         rows = slice(0, users.shape[0])
-        for lo in range(0, n_items, item_block):
-            yield rows, lo, users @ self.item_table[lo:lo + item_block].T
+        for lo in range(0, n_items, item_block):  # one buffer for every block: the caller is done with each
+            yield rows, lo, product(users, self.item_table[lo:lo + item_block])
 
 
 class PredictScorer:

@@ -33,7 +33,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from recbole_mm.model.layers.blocks import merge_topk
+from recbole_mm.model.layers.blocks import BlockProduct, merge_topk
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +70,16 @@ def build_knn_graph(
     if k < 1:
         raise ValueError(f"kNN graph needs at least 2 items with features, got {valid_ids.numel()}")
     normed = F.normalize(feats[valid_ids], dim=1)
-    n_valid, nbrs = normed.shape[0], []
+    n_valid, nbrs, product = normed.shape[0], [], BlockProduct()
     for start in range(0, n_valid, block_size):
         block, best = normed[start : start + block_size], None
         for lo in range(0, n_valid, item_block):
-            sim = block @ normed[lo : lo + item_block].T  # [block, item block]
+            sim = product(block, normed[lo : lo + item_block])  # [block, item block], one buffer
             own_lo, own_hi = max(start, lo), min(start + block.shape[0], lo + sim.shape[1])
             if own_lo < own_hi:  # the block's own items are in this item block: neighbours are other items
                 own = torch.arange(own_lo, own_hi)
                 sim[own - start, own - lo] = -float("inf")
             best = merge_topk(best, lo, sim, k)
-            del sim
         nbrs.append(best[1])
     nbr = torch.cat(nbrs)  # [n_valid, k], positions in valid_ids
     src = valid_ids.repeat_interleave(k)
