@@ -41,12 +41,15 @@ class EmbeddingScorer:
 
     def __init__(self, name: str, user_fn: Callable, item_table: torch.Tensor):
         self.name, self.user_fn, self.item_table = name, user_fn, item_table
+        # one buffer for every block of every chunk of this evaluation (the scorer lives as long as
+        # one evaluation): the caller is done with each block before asking for the next
+        self.product = BlockProduct()
 
     def blocks(self, interaction, n_items: int, item_block: int, budget: int) -> Iterator[Block]:
-        users, product = self.user_fn(interaction), BlockProduct()
+        users = self.user_fn(interaction)
         rows = slice(0, users.shape[0])
-        for lo in range(0, n_items, item_block):  # one buffer for every block: the caller is done with each
-            yield rows, lo, product(users, self.item_table[lo:lo + item_block])
+        for lo in range(0, n_items, item_block):
+            yield rows, lo, self.product(users, self.item_table[lo:lo + item_block])
 
 
 class PredictScorer:
