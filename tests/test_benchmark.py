@@ -12,8 +12,10 @@ import torch
 import yaml
 from scipy import stats
 
-from conftest import REPO, load_benchmark_script
-from recbole_mm.benchmark import main
+from recbole.trainer import Trainer
+
+from conftest import REPO, TINY, load_benchmark_script
+from recbole_mm.benchmark import main, worker
 from recbole_mm.benchmark.cli import parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
 from recbole_mm.benchmark.quick import first_users_slice
@@ -67,6 +69,7 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     for png in ("quick-metrics.png", "quick-cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
     assert capsys.readouterr().out.count("] done ") == 4
+    assert not any((out / "checkpoints").iterdir())  # a finished run's checkpoint is not kept
 
     # resume: a second invocation runs nothing and leaves the CSV as it was
     before = (out / "results.csv").read_bytes()
@@ -87,6 +90,37 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     assert len(started) == 1 and "BPR seed=2021" in started[0]
     (redone,) = [r for r in _rows(out) if r["model"] == "BPR" and r["seed"] == "2021"]
     assert redone["config_hash"] == lost["config_hash"] and redone["test_ndcg@10"] == lost["test_ndcg@10"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path, monkeypatch):
+    root, name = planted
+    settings = {**TINY, "data_path": root, "epochs": 3, "stopping_step": 10}
+    (run,) = plan_runs(Suite("s", name, [Entry("BPR", "BPR")], seeds=1, config=settings))
+    whole = worker.run(run)["row"]
+
+    train_epoch = Trainer._train_epoch
+
+    def stop_at_second_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 1:
+            raise Interrupted
+        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    folder = tmp_path / "checkpoints" / run.stem
+    monkeypatch.setattr(Trainer, "_train_epoch", stop_at_second_epoch)
+    with pytest.raises(Interrupted):
+        worker.run(run, folder)
+    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
+    assert worker.resume_from(folder) is not None  # the best checkpoint (epoch 0) stayed behind
+
+    resumed = worker.run(run, folder)["row"]
+    assert resumed["resumed_at_epoch"] == 1 and "resumed_at_epoch" not in whole
+    assert resumed["epochs_run"] == whole["epochs_run"] == 3 and resumed["best_epoch"] == whole["best_epoch"]
+    metrics = [k for k in whole if k.startswith(("valid_", "test_"))]
+    assert {k: resumed[k] for k in metrics} == {k: whole[k] for k in metrics}  # to the last digit
 
 
 def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted):

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -107,9 +108,15 @@ def _worker_context():
     return context
 
 
+def checkpoint_folder(out: Path, run: Run) -> Path:
+    """Where a run keeps its best checkpoint until its row is written: a run interrupted (or
+    failed) leaves it there, and the next invocation continues from it (:mod:`worker`)."""
+    return out / "checkpoints" / run.stem
+
+
 def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
     """Run one worker process; its CSV row, or ``None`` when it failed (see its log)."""
-    logs, per_user = out / "logs", out / "per_user"
+    logs, per_user, checkpoints = out / "logs", out / "per_user", checkpoint_folder(out, run)
     logs.mkdir(parents=True, exist_ok=True)
     per_user.mkdir(exist_ok=True)
     spec, result = logs / f"{run.stem}.json", logs / f"{run.stem}.result.json"
@@ -117,13 +124,15 @@ def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
     result.unlink(missing_ok=True)
     process = context.Process(
         target=worker.run_to_files, name=run.stem,
-        args=(str(spec), str(result), str(per_user / f"{run.stem}.npz"), None if verbose else str(logs / f"{run.stem}.log")))
+        args=(str(spec), str(result), str(per_user / f"{run.stem}.npz"),
+              None if verbose else str(logs / f"{run.stem}.log"), str(checkpoints)))
     process.start()
     process.join()
     if process.exitcode != 0 or not result.is_file():
         return None
     row = json.loads(result.read_text())
     result.unlink()
+    shutil.rmtree(checkpoints)  # the benchmark keeps metrics, not models
     return row
 
 
@@ -143,7 +152,9 @@ def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
         if run.key in finished_keys(csv_path):
             print(f"[{i}/{len(runs)} {_elapsed(start)}] skip  {name}: already in {csv_path.name}", flush=True)
             continue
-        print(f"[{i}/{len(runs)} {_elapsed(start)}] start {name}", flush=True)
+        resume = worker.resume_from(checkpoint_folder(out, run))
+        print(f"[{i}/{len(runs)} {_elapsed(start)}] " + (f"resume {name} from {resume}" if resume else f"start {name}"),
+              flush=True)
         row = launch(run, out, verbose, context)
         if row is None:
             failed.append(run)

@@ -19,6 +19,14 @@ with three differences:
 
 The result is a JSON object (one CSV row) and an ``.npz`` of per-user test metrics.
 
+Given a ``checkpoint_dir`` of its own (the harness gives each run ``<out>/checkpoints/<run>/`` and
+deletes it once the row is written), a run that finds a checkpoint there continues from it
+(:func:`recbole_mm.utils.resume_training`: the same model, optimizer, generators and
+early-stopping state) instead of starting again: RecBole saves at every new best validation, so
+an interrupted run repeats only the epochs since its best and ends exactly as it would have
+uninterrupted. Its row says so (``resumed_at_epoch``); ``epochs_run`` counts every epoch, while
+``train_s_per_epoch`` and ``run_s`` are this process's.
+
 Cold-start runs (``cold_item_ratio`` set, :mod:`recbole_mm.data.cold_start`) add the test metrics
 on the interactions whose target item is warm (had training interactions) and on those whose
 target is cold, each ranking all items, from the best checkpoint: columns ``warm_<metric>`` and
@@ -37,6 +45,7 @@ import sys
 import tempfile
 import time
 from logging import getLogger
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +56,7 @@ from recbole.utils import init_logger
 import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
 from recbole_mm.benchmark.plan import Run, build_config, config_hash
 from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
-from recbole_mm.utils import build_data_and_model
+from recbole_mm.utils import build_data_and_model, resume_training
 from recbole_mm.registry import get_trainer
 
 
@@ -143,20 +152,30 @@ def _warm_cold_columns(trainer, test_data) -> dict:
     return columns
 
 
-def run(spec: Run) -> dict:
-    """Train and test one run; returns the CSV row and the per-user test metrics."""
+def run(spec: Run, checkpoint_dir=None) -> dict:
+    """Train and test one run; returns the CSV row and the per-user test metrics. Without a
+    ``checkpoint_dir`` the best checkpoint lives in a temporary folder as long as the run."""
     config = build_config(spec)
     digest = config_hash(config, spec.split_seed)
     if digest != spec.config_hash:  # resume matches rows by this hash: it must be reproducible
         raise RuntimeError(f"config hash {digest} differs from the planned {spec.config_hash}: "
                            "the effective config is not deterministic")
-    # the benchmark keeps metrics, not models: the best checkpoint lives as long as the run
-    with tempfile.TemporaryDirectory(prefix="recbole-mm-bench-") as checkpoint_dir:
-        config["checkpoint_dir"] = checkpoint_dir
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        config["checkpoint_dir"] = str(checkpoint_dir)
+        return _train_and_test(spec, config, resume_from(checkpoint_dir))
+    with tempfile.TemporaryDirectory(prefix="recbole-mm-bench-") as folder:
+        config["checkpoint_dir"] = folder
         return _train_and_test(spec, config)
 
 
-def _train_and_test(spec: Run, config) -> dict:
+def resume_from(checkpoint_dir):
+    """The checkpoint an interrupted run left in its own folder, or ``None``."""
+    saved = sorted(Path(checkpoint_dir).glob("*.pth"), key=lambda path: path.stat().st_mtime)
+    return str(saved[-1]) if saved else None
+
+
+def _train_and_test(spec: Run, config, resume=None) -> dict:
     started = time.perf_counter()
     init_logger(config)
     logger = getLogger()
@@ -164,6 +183,9 @@ def _train_and_test(spec: Run, config) -> dict:
     _, train_data, valid_data, test_data, model = build_data_and_model(config, split_seed=spec.split_seed)
     trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
     trainer = type(f"Measured{trainer_class.__name__}", (_Measured, trainer_class), {})(config, model)
+    if resume:
+        resume_training(trainer, train_data, resume)
+        logger.info(f"resumed from {resume} at epoch {trainer.start_epoch}")
 
     validated = []
     _, best_valid = trainer.fit(train_data, valid_data, show_progress=config["show_progress"],
@@ -184,7 +206,7 @@ def _train_and_test(spec: Run, config) -> dict:
         "device": str(config["device"]),
         # RecBole's own rule ("best eval result in epoch ..."): early stopping counts validations since the best
         "best_epoch": validated[-1] - trainer.cur_step * trainer.eval_step if validated else None,
-        "epochs_run": len(trainer.epoch_seconds),
+        "epochs_run": trainer.start_epoch + len(trainer.epoch_seconds),
         "train_s_per_epoch": float(np.mean(trainer.epoch_seconds)),
         "inference_s": inference_s, "peak_rss_mb": rss_mb, "peak_cuda_mb": cuda_mb,
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -192,11 +214,12 @@ def _train_and_test(spec: Run, config) -> dict:
         **{f"valid_{k}": float(v) for k, v in (best_valid or {}).items()},
         **{f"test_{k}": float(v) for k, v in test_result.items()},
         **warm_cold,
+        **({"resumed_at_epoch": trainer.start_epoch} if resume else {}),
     }
     return {"row": row, "per_user": {"user_id": trainer.eval_collector.users, **trainer.per_user_metrics()}}
 
 
-def run_to_files(spec_file, result_file, per_user_file, log_file=None):
+def run_to_files(spec_file, result_file, per_user_file, log_file=None, checkpoint_dir=None):
     """Run the spec in ``spec_file``; write the CSV row (JSON) and the per-user metrics (.npz).
     With ``log_file``, everything the process prints (RecBole's log, tracebacks) goes there."""
     if log_file:
@@ -207,7 +230,7 @@ def run_to_files(spec_file, result_file, per_user_file, log_file=None):
         os.dup2(fd, 2)
         os.close(fd)
     with open(spec_file) as f:
-        result = run(Run.from_json(f.read()))
+        result = run(Run.from_json(f.read()), checkpoint_dir)
     np.savez(per_user_file, **result["per_user"])
     with open(result_file, "w") as f:  # written last: its presence means the run finished
         json.dump(result["row"], f)
