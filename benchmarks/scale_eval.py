@@ -19,6 +19,16 @@ modalities (``image_feat.npy``, ``text_feat.npy``: random ``[items, D]`` rows) f
 need features (FindRec, MambaRec, the multimodal baselines):
 
     python benchmarks/scale_eval.py --out DIR --models FindRec --paths blocked --features 32
+
+``--train-steps N`` also times N training steps (optimizer step included; the first one, which
+allocates, is not timed) before the evaluation, with the run's ``train_batch_size`` (RecBole's
+2048 unless ``--train-batch-size``) and, for cross-entropy models, ``ce_item_chunk``
+``--ce-item-chunk`` (items per slice of the exact loss; 0 leaves RecBole's ``[batch, n_items]``
+logits; the column says 0 where the model does not train on slices): columns ``train_s_per_step`` and ``train_peak_extra_mb`` (peak memory above the model's own
+over those steps)::
+
+    python benchmarks/scale_eval.py --out DIR --models SASRec FindRec --paths blocked --features 32 \
+        --train-steps 4 --ce-item-chunk 65536
 """
 
 import argparse
@@ -34,7 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
 FIELDS = ["model", "path", "users", "items", "seconds", "matmul_seconds", "ratio_to_matmul", "peak_extra_mb",
-          "recall@10", "ndcg@10", "status"]
+          "recall@10", "ndcg@10", "train_batch_size", "ce_item_chunk", "train_s_per_step", "train_peak_extra_mb",
+          "status"]
 SEQUENTIAL = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
               "train_neg_sample_args": None}
 GENERAL = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"}}
@@ -128,13 +139,15 @@ def run_one(args) -> dict:
            "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "recall@10",
            "eval_batch_size": args.eval_batch_size, "eval_item_block": args.item_block, "topk_eval": args.path,
            "modalities": list(MODALITIES) if args.features else None, "text_features": None,
-           "checkpoint_dir": str(folder.parent / "saved"), "feature_cache_dir": str(folder.parent / "cache")}
+           "checkpoint_dir": str(folder.parent / "saved"), "feature_cache_dir": str(folder.parent / "cache"),
+           "train_batch_size": args.train_batch_size, "ce_item_chunk": args.ce_item_chunk or None}
     config = Config(model=args.model, dataset=folder.name, config_dict=cfg)
     cfg.update(SEQUENTIAL if config["MODEL_TYPE"].name == "SEQUENTIAL" else GENERAL)
     config = Config(model=args.model, dataset=folder.name, config_dict=cfg)
-    _, _, _, test_data, model = build_data_and_model(config)
+    _, train_data, _, test_data, model = build_data_and_model(config)
     trainer = with_scale_hooks(get_trainer(config["MODEL_TYPE"], args.model))(config, model)
     device = config["device"]
+    training = train_steps(trainer, train_data, args.train_steps, device) if args.train_steps else {}
     model.eval()
     # the yardstick: one product of every test user's vector with every item vector
     with torch.no_grad():
@@ -162,7 +175,35 @@ def run_one(args) -> dict:
             "items": test_data._dataset.item_num, "seconds": round(seconds, 2), "matmul_seconds": round(matmul, 3),
             "ratio_to_matmul": round(seconds / matmul, 2) if matmul == matmul else "",
             "peak_extra_mb": round(memory.peak_mb, 1), "recall@10": result["recall@10"],
-            "ndcg@10": result["ndcg@10"], "status": "ok"}
+            "ndcg@10": result["ndcg@10"], **training, "status": "ok"}
+
+
+def train_steps(trainer, train_data, steps: int, device) -> dict:
+    """Seconds per training step (forward, backward, optimizer step) over ``steps`` batches after
+    a first untimed one, and the peak memory above the model's own over all of them. The loss is
+    the one ``fit`` would train on: ``ce_item_chunk``'s slices where the trainer swaps them in."""
+    import torch
+
+    model, chunk = trainer.model, trainer.config["ce_item_chunk"]
+    if chunk and "calculate_loss" not in vars(model):
+        trainer._use_chunked_ce(train_data, int(chunk))  # what fit does first
+    model.train()
+    timed, batches = [], iter(train_data)
+    with PeakMemory(device) as memory:
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            trainer.optimizer.zero_grad()
+            loss = model.calculate_loss(next(batches).to(device))
+            (sum(loss) if isinstance(loss, tuple) else loss).backward()
+            trainer.optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timed.append(time.perf_counter() - start)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    chunked = "calculate_loss" in vars(model) or (chunk and getattr(model, "chunks_its_own_ce", False))
+    return {"train_batch_size": train_data.batch_size, "ce_item_chunk": chunk if chunked else 0,
+            "train_s_per_step": round(sum(timed[1:]) / steps, 2), "train_peak_extra_mb": round(memory.peak_mb, 1)}
 
 
 def main(argv=None):
@@ -177,6 +218,9 @@ def main(argv=None):
     p.add_argument("--features", type=int, default=0, help="dimension of two random modalities (0: none)")
     p.add_argument("--eval-batch-size", type=int, default=4096)
     p.add_argument("--item-block", type=int, default=65536)
+    p.add_argument("--train-steps", type=int, default=0, help="time this many training steps too (0: none)")
+    p.add_argument("--train-batch-size", type=int, default=2048)
+    p.add_argument("--ce-item-chunk", type=int, default=0, help="ce_item_chunk for CE models (0: full logits)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per (model, path) run")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one run, JSON out
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -195,7 +239,9 @@ def main(argv=None):
         for path in args.paths:
             cmd = [sys.executable, __file__, "--out", str(out), "--one", "--model", model, "--path", path,
                    "--data", str(data), "--dim", str(args.dim), "--eval-batch-size", str(args.eval_batch_size),
-                   "--item-block", str(args.item_block), "--features", str(args.features)]
+                   "--item-block", str(args.item_block), "--features", str(args.features),
+                   "--train-steps", str(args.train_steps), "--train-batch-size", str(args.train_batch_size),
+                   "--ce-item-chunk", str(args.ce_item_chunk)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=out)
                 found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -2,12 +2,13 @@
 without [batch, n_items] logits, swapped in only for models whose loss it reproduces."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
+from conftest import TINY, load_benchmark_script
 from recbole_mm import Config
 from recbole_mm.quick_start.quick_start import build_data_and_model
 from recbole_mm.registry import get_trainer
@@ -80,3 +81,29 @@ def test_a_model_with_another_loss_keeps_it(planted, caplog):
         net = _fit("BERT4Rec", planted, 16)
     assert "calculate_loss" not in vars(net)
     assert "keeps its own loss" in caplog.text
+
+
+@pytest.mark.parametrize("chunk", [0, 100])
+def test_scale_benchmark_times_training_steps_on_the_loss_fit_would_use(tmp_path, chunk):
+    """benchmarks/scale_eval.py --train-steps: the steps train (weights move) on the sliced loss
+    exactly when ce_item_chunk is set, and the row says which."""
+    script = load_benchmark_script("scale_eval")
+    data = script.make_data(tmp_path / "data", users=60, items=400, per_user=6)
+    args = SimpleNamespace(data=str(data), model="SASRec", path="blocked", dim=16, eval_batch_size=4096,
+                           item_block=128, features=0, train_steps=2, train_batch_size=64, ce_item_chunk=chunk)
+    moved = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        before = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+        result = step(self, *a, **k)
+        after = [p.detach() for group in self.param_groups for p in group["params"]]
+        moved.append(any(not torch.equal(x, y) for x, y in zip(before, after)))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", recording_step)
+        row = script.run_one(args)
+    assert row["status"] == "ok" and row["train_batch_size"] == 64 and row["ce_item_chunk"] == chunk
+    assert row["train_s_per_step"] > 0 and row["train_peak_extra_mb"] >= 0
+    assert moved == [True] * 3  # the untimed first step and the two timed ones
