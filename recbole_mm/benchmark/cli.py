@@ -132,7 +132,7 @@ def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
         return None
     row = json.loads(result.read_text())
     result.unlink()
-    shutil.rmtree(checkpoints)  # the benchmark keeps metrics, not models
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the benchmark keeps metrics, not models
     return row
 
 
