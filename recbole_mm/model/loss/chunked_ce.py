@@ -13,38 +13,56 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from recbole_mm.model.layers.blocks import BlockProduct
 
 
-def _slice_logits(hidden, table, excluded, lo, chunk):
-    logits = hidden @ table[lo:lo + chunk].T
-    return logits if excluded is None else logits.masked_fill(excluded[lo:lo + chunk], -torch.inf)
+def _slice_logits(product: BlockProduct, hidden, table, excluded, lo, chunk):
+    """The logits of items ``lo, lo + chunk``, written into ``product``'s kept buffer."""
+    logits = product(hidden, table[lo:lo + chunk])
+    return logits if excluded is None else logits.masked_fill_(excluded[lo:lo + chunk], -torch.inf)
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.logsumexp(1)``, overwriting ``logits`` (no block-sized temporaries). A row whose
+    slice is all ``-inf`` (every item excluded) gives ``-inf``, as ``torch.logsumexp`` does."""
+    top = logits.amax(1, keepdim=True)
+    top.masked_fill_(top == -torch.inf, 0.0)
+    return logits.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
 
 
 class _ChunkedCE(torch.autograd.Function):
+    """Every ``[batch, chunk]`` block lives in one reused buffer and is transformed in place:
+    at a million items, fresh blocks and temporaries cost more in page faults and memory passes
+    than the products themselves (docs/design.md §evaluation, the same finding for ranking)."""
+
     @staticmethod
     def forward(ctx, hidden, table, target, chunk, excluded):
+        product = BlockProduct()
         lse = torch.full((hidden.shape[0],), -torch.inf, dtype=hidden.dtype, device=hidden.device)
         for lo in range(0, table.shape[0], chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(_slice_logits(hidden, table, excluded, lo, chunk), dim=1))
+            lse = torch.logaddexp(lse, _logsumexp_(_slice_logits(product, hidden, table, excluded, lo, chunk)))
         target_logit = (hidden * table[target]).sum(1)
         ctx.save_for_backward(hidden, table, target, lse)
         ctx.chunk, ctx.excluded = chunk, excluded
         return (lse - target_logit).mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         hidden, table, target, lse = ctx.saved_tensors
         scale = grad / hidden.shape[0]
+        product = BlockProduct()
         grad_hidden = -table[target]
         grad_table = torch.zeros_like(table)
         grad_table.index_add_(0, target, -hidden)
         for lo in range(0, table.shape[0], ctx.chunk):
-            part = table[lo:lo + ctx.chunk]
-            # softmax restricted to the slice; an excluded item's probability is exp(-inf) = 0
-            prob = torch.exp(_slice_logits(hidden, table, ctx.excluded, lo, ctx.chunk) - lse.unsqueeze(1))
-            grad_hidden = grad_hidden + prob @ part
-            grad_table[lo:lo + ctx.chunk] += prob.T @ hidden
-        return grad_hidden * scale, grad_table * scale, None, None, None
+            # softmax restricted to the slice, in place; an excluded item's probability is exp(-inf) = 0
+            prob = _slice_logits(product, hidden, table, ctx.excluded, lo, ctx.chunk).sub_(lse.unsqueeze(1)).exp_()
+            grad_hidden.addmm_(prob, table[lo:lo + ctx.chunk])
+            grad_table[lo:lo + ctx.chunk].addmm_(prob.T, hidden)
+        return grad_hidden.mul_(scale), grad_table.mul_(scale), None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, target: torch.Tensor, chunk: int,
