@@ -2,6 +2,7 @@
 summary, plots, resume), the planner's guarantees, the statistics and the suite files."""
 
 import csv
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,6 +122,11 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(plante
     assert resumed["epochs_run"] == whole["epochs_run"] == 3 and resumed["best_epoch"] == whole["best_epoch"]
     metrics = [k for k in whole if k.startswith(("valid_", "test_"))]
     assert {k: resumed[k] for k in metrics} == {k: whole[k] for k in metrics}  # to the last digit
+
+    # a checkpoint the run cannot continue from names the folder to delete
+    (folder / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=re.escape(f"delete {folder} to start it afresh")):
+        worker.run(run, folder)
 
 
 def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted):

@@ -184,7 +184,11 @@ def _train_and_test(spec: Run, config, resume=None) -> dict:
     trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
     trainer = type(f"Measured{trainer_class.__name__}", (_Measured, trainer_class), {})(config, model)
     if resume:
-        resume_training(trainer, train_data, resume)
+        try:
+            resume_training(trainer, train_data, resume)
+        except Exception as err:  # unreadable, or saved by model code whose parameters have changed
+            raise RuntimeError(f"cannot continue this run from {resume} ({type(err).__name__}: {err}); delete "
+                               f"{Path(resume).parent} to start it afresh") from err
         logger.info(f"resumed from {resume} at epoch {trainer.start_epoch}")
 
     validated = []
