@@ -22,10 +22,11 @@ need features (FindRec, MambaRec, the multimodal baselines):
 
 ``--train-steps N`` also times N training steps (optimizer step included; the first one, which
 allocates, is not timed) before the evaluation, with the run's ``train_batch_size`` (RecBole's
-2048 unless ``--train-batch-size``) and, for cross-entropy models, ``ce_item_chunk``
+2048 unless ``--train-batch-size``) and, for cross-entropy models, ``ce_item_chunk`` =
 ``--ce-item-chunk`` (items per slice of the exact loss; 0 leaves RecBole's ``[batch, n_items]``
-logits; the column says 0 where the model does not train on slices): columns ``train_s_per_step`` and ``train_peak_extra_mb`` (peak memory above the model's own
-over those steps)::
+logits; the column says 0 where the model does not train on slices): columns
+``train_s_per_step`` and ``train_peak_extra_mb`` (peak memory above the model's own over those
+steps)::
 
     python benchmarks/scale_eval.py --out DIR --models SASRec FindRec --paths blocked --features 32 \
         --train-steps 4 --ce-item-chunk 65536
