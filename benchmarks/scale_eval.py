@@ -185,9 +185,7 @@ def train_steps(trainer, train_data, steps: int, device) -> dict:
     the one ``fit`` would train on: ``ce_item_chunk``'s slices where the trainer swaps them in."""
     import torch
 
-    model, chunk = trainer.model, trainer.config["ce_item_chunk"]
-    if chunk and "calculate_loss" not in vars(model):
-        trainer._use_chunked_ce(train_data, int(chunk))  # what fit does first
+    model, chunked = trainer.model, trainer.prepare_chunked_ce(train_data)
     model.train()
     timed, batches = [], iter(train_data)
     with PeakMemory(device) as memory:
@@ -202,8 +200,8 @@ def train_steps(trainer, train_data, steps: int, device) -> dict:
             timed.append(time.perf_counter() - start)
     trainer.optimizer.zero_grad(set_to_none=True)
     model.eval()
-    chunked = "calculate_loss" in vars(model) or (chunk and getattr(model, "chunks_its_own_ce", False))
-    return {"train_batch_size": train_data.batch_size, "ce_item_chunk": chunk if chunked else 0,
+    return {"train_batch_size": train_data.batch_size,
+            "ce_item_chunk": trainer.config["ce_item_chunk"] if chunked else 0,
             "train_s_per_step": round(sum(timed[1:]) / steps, 2), "train_peak_extra_mb": round(memory.peak_mb, 1)}
 
 

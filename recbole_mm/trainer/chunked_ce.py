@@ -38,20 +38,28 @@ class ChunkedCEMixin:
     on :func:`chunked_cross_entropy` when that reproduces its own loss (see the module doc)."""
 
     def fit(self, train_data, *args, **kwargs):
-        chunk = self.config["ce_item_chunk"]
-        if chunk and "calculate_loss" not in vars(self.model):
-            self._use_chunked_ce(train_data, int(chunk))
+        self.prepare_chunked_ce(train_data)
         return super().fit(train_data, *args, **kwargs)
 
-    def _use_chunked_ce(self, train_data, chunk):
+    def prepare_chunked_ce(self, train_data) -> bool:
+        """What ``fit`` does first: with ``ce_item_chunk`` set, swap the sliced loss in where it
+        reproduces the model's own. Whether the model now trains on slices (its own or ours)."""
+        chunk = self.config["ce_item_chunk"]
+        if not chunk:
+            return False
+        if "calculate_loss" in vars(self.model):  # swapped in by an earlier fit
+            return True
+        return self._use_chunked_ce(train_data, int(chunk))
+
+    def _use_chunked_ce(self, train_data, chunk) -> bool:
         model = self.model
         name = type(model).__name__
         if getattr(model, "chunks_its_own_ce", False):
             self.logger.info(f"ce_item_chunk: {name} computes its cross-entropy in slices of {chunk} items")
-            return
+            return True
         if model.type != ModelType.SEQUENTIAL or self.config["loss_type"] != "CE":
             self.logger.warning(f"ce_item_chunk: {name} is not a sequential model trained with CE; ignored")
-            return
+            return False
         # the loader's own collate (not an iterator, which would advance its shuffling generator)
         sample = train_data.collate_fn(list(range(CHECK_ROWS))).to(self.device)
         chunked = _chunked_loss(model, chunk)
@@ -69,6 +77,7 @@ class ChunkedCEMixin:
             self.logger.warning(f"ce_item_chunk: {name}'s calculate_loss is not plain cross-entropy over "
                                 f"forward(...) @ item_embedding ({own if isinstance(own, str) else 'other value'}); "
                                 "it keeps its own loss")
-            return
+            return False
         model.calculate_loss = chunked
         self.logger.info(f"ce_item_chunk: {name} trains on cross-entropy in slices of {chunk} items")
+        return True
