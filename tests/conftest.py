@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline, on data they generate or on RecBole's bundled ml-100k;
 tests that need ../shared/data skip with a reason when it is absent."""
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -14,6 +15,28 @@ from recbole_mm.data.synthetic import make_planted_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class Interrupted(Exception):
+    """What :func:`interrupted_at_epoch` raises in place of a training epoch."""
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(epoch: int):
+    """Inside the block every RecBole trainer raises :class:`Interrupted` on reaching training
+    epoch ``epoch``: a run cut off there, its checkpoints left as a crash would leave them."""
+    from recbole.trainer import Trainer
+
+    train_epoch = Trainer._train_epoch
+
+    def stop(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == epoch:
+            raise Interrupted
+        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_train_epoch", stop)
+        yield
 
 
 def load_benchmark_script(name):

@@ -13,9 +13,7 @@ import torch
 import yaml
 from scipy import stats
 
-from recbole.trainer import Trainer
-
-from conftest import REPO, TINY, load_benchmark_script
+from conftest import REPO, TINY, Interrupted, interrupted_at_epoch, load_benchmark_script
 from recbole_mm.benchmark import main, worker
 from recbole_mm.benchmark.cli import parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
@@ -93,28 +91,15 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     assert redone["config_hash"] == lost["config_hash"] and redone["test_ndcg@10"] == lost["test_ndcg@10"]
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path, monkeypatch):
+def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path):
     root, name = planted
     settings = {**TINY, "data_path": root, "epochs": 3, "stopping_step": 10}
     (run,) = plan_runs(Suite("s", name, [Entry("BPR", "BPR")], seeds=1, config=settings))
     whole = worker.run(run)["row"]
 
-    train_epoch = Trainer._train_epoch
-
-    def stop_at_second_epoch(self, train_data, epoch_idx, *args, **kwargs):
-        if epoch_idx == 1:
-            raise Interrupted
-        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
-
     folder = tmp_path / "checkpoints" / run.stem
-    monkeypatch.setattr(Trainer, "_train_epoch", stop_at_second_epoch)
-    with pytest.raises(Interrupted):
+    with interrupted_at_epoch(1), pytest.raises(Interrupted):
         worker.run(run, folder)
-    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
     assert worker.resume_from(folder) is not None  # the best checkpoint (epoch 0) stayed behind
 
     resumed = worker.run(run, folder)["row"]

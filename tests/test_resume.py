@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from recbole.trainer import Trainer
 
-from conftest import TINY
+from conftest import TINY, Interrupted, interrupted_at_epoch
 from recbole_mm.quick_start import load_data_and_model, run_recbole
 
 SETTINGS = {
@@ -21,10 +20,6 @@ SETTINGS = {
 }
 
 
-class Interrupted(Exception):
-    pass
-
-
 def _config(planted, model, folder):
     root, _ = planted
     return {**TINY, **SETTINGS[model], "data_path": root, "epochs": 3, "stopping_step": 10,
@@ -32,21 +27,12 @@ def _config(planted, model, folder):
 
 
 @pytest.mark.parametrize("model", ["BPR", "FindRec"])
-def test_resumed_run_equals_uninterrupted_run(planted, model, monkeypatch, capsys):
+def test_resumed_run_equals_uninterrupted_run(planted, model, capsys):
     _, name = planted
     whole = run_recbole(model, name, config_dict=_config(planted, model, "whole"))
 
-    train_epoch = Trainer._train_epoch
-
-    def stop_at_second_epoch(self, train_data, epoch_idx, *args, **kwargs):
-        if epoch_idx == 1:
-            raise Interrupted
-        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", stop_at_second_epoch)
-    with pytest.raises(Interrupted):
+    with interrupted_at_epoch(1), pytest.raises(Interrupted):
         run_recbole(model, name, config_dict=_config(planted, model, "cut"))
-    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
     (checkpoint,) = glob.glob("cut/*.pth")
     capsys.readouterr()
 
