@@ -114,6 +114,24 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(plante
         worker.run(run, folder)
 
 
+@pytest.mark.parametrize("model", ["BPR", "SASRec"])
+def test_per_user_metrics_are_the_same_from_the_blocked_and_the_dense_ranking(model, planted, tmp_path):
+    """The blocked top-k path (the default) feeds the harness the same users and per-user values
+    as RecBole's dense path, general and sequential models alike."""
+    root, name = planted
+    results = {}
+    for mode in ("blocked", "recbole"):
+        settings = {**TINY, "data_path": root, "epochs": 1, "topk_eval": mode}
+        (run,) = plan_runs(Suite("s", name, [Entry(model, model)], seeds=1, config=settings))
+        results[mode] = worker.run(run)
+    blocked, dense = results["blocked"]["per_user"], results["recbole"]["per_user"]
+    assert sorted(blocked) == sorted(dense) and "ndcg@10" in blocked
+    assert len(blocked["user_id"]) == results["recbole"]["row"]["test_users"] > 20
+    order_b, order_d = np.argsort(blocked["user_id"]), np.argsort(dense["user_id"])
+    for key in blocked:
+        np.testing.assert_array_equal(np.asarray(blocked[key])[order_b], np.asarray(dense[key])[order_d])
+
+
 def test_plan_gives_every_run_the_reference_protocol_and_refuses_another(planted):
     root, name = planted
     entries = [Entry("MambaRec", "MambaRec"), Entry("BPR", "BPR")]

@@ -49,20 +49,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recbole.evaluator import Collector
 from recbole.evaluator.base_metric import TopkMetric
 from recbole.utils import init_logger
 
 import recbole_mm  # noqa: F401  (compat fixes and registration, as for any run)
 from recbole_mm.benchmark.plan import Run, build_config, config_hash
 from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
+from recbole_mm.evaluation.topk import TopKCollector
 from recbole_mm.utils import build_data_and_model, resume_training
 from recbole_mm.registry import get_trainer
 
 
-class _UserCollector(Collector):
-    """RecBole's collector that also keeps, for the last evaluation, the user of every ranking
-    row and the collected data: per-user metrics need both (RecBole only keeps the mean)."""
+class _UserCollector(TopKCollector):
+    """The evaluation's collector (RecBole's dense path and the blocked one) that also keeps, for
+    the last evaluation, the user of every ranking row and the collected data: per-user metrics
+    need both (RecBole only keeps the mean)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -71,6 +72,10 @@ class _UserCollector(Collector):
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        self._batch_users.append(interaction[self.config["USER_ID_FIELD"]].cpu())
+
+    def eval_topk_collect(self, topk_ids, interaction, positive_u, positive_i, n_items):
+        super().eval_topk_collect(topk_ids, interaction, positive_u, positive_i, n_items)
         self._batch_users.append(interaction[self.config["USER_ID_FIELD"]].cpu())
 
     def get_data_struct(self):

@@ -29,6 +29,7 @@ from logging import getLogger
 import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.evaluator import Collector
 from recbole.evaluator.register import metric_information
 from recbole.utils import EvaluatorType
 from tqdm import tqdm
@@ -80,6 +81,17 @@ def topk_hits(topk_ids: torch.Tensor, positive_u: torch.Tensor, positive_i: torc
     return torch.cat((hits, n_pos.unsqueeze(1)), dim=1)
 
 
+class TopKCollector(Collector):
+    """RecBole's collector, which the blocked path feeds a batch's top-k ids instead of its scores."""
+
+    def eval_topk_collect(self, topk_ids, interaction, positive_u, positive_i, n_items):
+        """What :meth:`eval_batch_collect` writes for the top-k metrics, from ``topk_ids`` alone."""
+        if self.register.need("rec.items"):
+            self.data_struct.update_tensor("rec.items", topk_ids)
+        if self.register.need("rec.topk"):
+            self.data_struct.update_tensor("rec.topk", topk_hits(topk_ids, positive_u, positive_i, n_items))
+
+
 def full_score_metrics(config):
     """The configured metrics that need more than the top-k positions."""
     return [m for m in config["metrics"] if set(metric_information[m.lower()]) - TOPK_NEEDS]
@@ -109,7 +121,12 @@ def use_blocked(config, eval_data) -> bool:
 
 class TopKEvalMixin:
     """Put before a RecBole ``Trainer`` class: full-ranking evaluation through :func:`blocked_topk`
-    when :func:`use_blocked` says so, RecBole's own ``evaluate`` otherwise."""
+    when :func:`use_blocked` says so, RecBole's own ``evaluate`` otherwise. Its ``eval_collector``
+    is a :class:`TopKCollector` (or a subclass a caller puts there after ``__init__``)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.eval_collector = TopKCollector(config)
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -140,7 +157,7 @@ class TopKEvalMixin:
                 self.logger.info(f"blocked top-{k} evaluation: {len(indices)} users x {n_items} items, "
                                  f"scores from {scorer.name}, blocks of {chunk} users x {item_block} items")
             topk_ids = blocked_topk(scorer, interaction, history, n_items, k, item_block, chunk * item_block)
-            self._collect_topk(topk_ids, positive_u, positive_i, n_items)
+            self.eval_collector.eval_topk_collect(topk_ids, interaction, positive_u, positive_i, n_items)
         self.eval_collector.model_collect(self.model)
         result = self.evaluator.evaluate(self.eval_collector.get_data_struct())
         if not self.config["single_spec"]:
@@ -149,10 +166,3 @@ class TopKEvalMixin:
             result = self._map_reduce(result, 4 * len(eval_data))
         self.wandblogger.log_eval_metrics(result, head="eval")
         return result
-
-    def _collect_topk(self, topk_ids, positive_u, positive_i, n_items):
-        collector = self.eval_collector
-        if collector.register.need("rec.items"):
-            collector.data_struct.update_tensor("rec.items", topk_ids)
-        if collector.register.need("rec.topk"):
-            collector.data_struct.update_tensor("rec.topk", topk_hits(topk_ids, positive_u, positive_i, n_items))
