@@ -76,6 +76,11 @@ def test_help_lists_key_value_and_benchmark(capsys):
     ("BPR", "learning_rate", 0.0, "a number > 0"),
     ("FindRec", "dropout_prob", 1.0, r"a number in \[0, 1\)"),
     ("BPR", "epochs", 2.5, "an integer >= 0"),
+    ("BPR", "topk_eval", "fast", "one of 'auto', 'blocked', 'recbole'"),
+    ("SASRec", "eval_item_block", 0, "an integer >= 1"),
+    ("SASRec", "ce_item_chunk", 0, "an integer >= 1"),
+    ("BPR", "topk_eval_threshold", -1, "a number >= 0"),
+    ("BPR", "cold_item_ratio", 1.0, r"a number in \(0, 1\)"),
 ])
 def test_out_of_range_value_names_key_value_and_range(model, key, value, allowed):
     with pytest.raises(ConfigError, match=re.escape(f"{key} = {value!r}: expected ") + allowed):

@@ -180,3 +180,13 @@ def test_with_scale_hooks_makes_one_subclass_per_trainer():
     assert issubclass(cls, Trainer) and cls is not Trainer
     assert with_scale_hooks(Trainer) is cls and with_scale_hooks(cls) is cls
     assert cls.__name__ == "Trainer"
+
+
+def test_the_blocked_path_describes_itself_once_per_trainer_and_user_set(caplog):
+    config, _, test_data, net = _setup("BPR", None)
+    caplog.set_level(logging.INFO)
+    trainer = get_trainer(config["MODEL_TYPE"], "BPR")(config, net)
+    for _ in range(3):  # as after every training epoch
+        trainer.evaluate(test_data, load_best_model=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("blocked top-")]
+    assert len(lines) == 1 and f"{test_data.sample_size} users" in lines[0]

@@ -25,11 +25,12 @@ import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
 from recbole_mm.config.properties import properties_dir
+from recbole_mm.evaluation.topk import MODES as TOPK_EVAL_MODES
 from recbole_mm.names import nearest
 
 #: prefix of a command-line key passed on purpose although no configuration file knows it
@@ -46,9 +47,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """An allowed value: ``kind`` is ``int``, ``float`` or ``list``; numbers lie in
+    """An allowed value: ``kind`` is ``int``, ``float``, ``list`` or ``str``; numbers lie in
     ``[low, high]`` (``high_open``: ``[low, high)``; ``low_open``: ``(low, high]``); for lists,
-    ``item`` checks every element and ``distinct`` forbids repeats."""
+    ``item`` checks every element and ``distinct`` forbids repeats; a string is one of ``choices``."""
 
     kind: type
     low: Optional[float] = None
@@ -57,8 +58,11 @@ class Rule:
     high_open: bool = False
     item: Optional["Rule"] = None
     distinct: bool = False
+    choices: Tuple[str, ...] = ()
 
     def describe(self) -> str:
+        if self.kind is str:
+            return "one of " + ", ".join(map(repr, self.choices))
         if self.kind is list:
             inner = f" of {self.item.describe()}" if self.item else ""
             return f"a list{inner}{' without repeats' if self.distinct else ''}"
@@ -71,6 +75,8 @@ class Rule:
         return name
 
     def accepts(self, value) -> bool:
+        if self.kind is str:
+            return value in self.choices
         if self.kind is list:
             if not isinstance(value, (list, tuple)):
                 return False
@@ -104,6 +110,9 @@ RULES: Dict[str, Rule] = {
     "loss_decimal_place": NON_NEGATIVE_INT, "metric_decimal_place": NON_NEGATIVE_INT,
     # recbole-mm's data keys (properties/overall.yaml)
     "modalities": DISTINCT_NAMES, "feature_missing_tolerance": FRACTION,
+    "topk_eval": Rule(str, choices=TOPK_EVAL_MODES), "topk_eval_threshold": NON_NEGATIVE,
+    "eval_item_block": COUNT, "ce_item_chunk": COUNT,
+    "cold_item_ratio": Rule(float, low=0, high=1, low_open=True, high_open=True),
     # sizes and counts of our models, wherever a model uses the name (Mamba blocks, kNN graphs)
     "align_dim": COUNT, "d_state": COUNT, "d_conv": COUNT, "expand": COUNT, "n_experts": COUNT, "knn_k": COUNT,
     "reduction_ratio": COUNT, "n_ui_layers": NON_NEGATIVE_INT, "n_mm_layers": NON_NEGATIVE_INT, "num_layers": COUNT,

@@ -127,6 +127,7 @@ class TopKEvalMixin:
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = TopKCollector(config)
+        self._blocked_about = None
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -154,8 +155,11 @@ class TopKEvalMixin:
                 history = tuple(h.to(self.device) for h in history)
             if scorer is None:
                 scorer = make_scorer(self.model, interaction[:CHECK_USERS], n_items)
-                self.logger.info(f"blocked top-{k} evaluation: {len(indices)} users x {n_items} items, "
-                                 f"scores from {scorer.name}, blocks of {chunk} users x {item_block} items")
+                about = (f"blocked top-{k} evaluation: {len(indices)} users x {n_items} items, "
+                         f"scores from {scorer.name}, blocks of {chunk} users x {item_block} items")
+                if about != self._blocked_about:  # once, not after every training epoch
+                    self.logger.info(about)
+                    self._blocked_about = about
             topk_ids = blocked_topk(scorer, interaction, history, n_items, k, item_block, chunk * item_block)
             self.eval_collector.eval_topk_collect(topk_ids, interaction, positive_u, positive_i, n_items)
         self.eval_collector.model_collect(self.model)
