@@ -166,12 +166,10 @@ needs_kernel = pytest.mark.skipif(not scan_kernel.available(),
 
 
 @needs_kernel
-@pytest.mark.parametrize("states_budget", [1, 2 ** 20], ids=["one-row-per-pass", "whole-slice"])
-def test_compiled_scan_equals_the_torch_scan_forward_and_backward(monkeypatch, states_budget):
+def test_compiled_scan_equals_the_torch_scan_forward_and_backward():
     # the PyTorch step loop with its hand-written backward (itself checked against the plain
     # recurrence and gradcheck above) is the reference for the compiled kernel; odd sizes so
     # that vector loops have remainders, 3 threads over 5 rows so the slicing is exercised
-    monkeypatch.setattr(scan_kernel, "_STATES_BUDGET", states_budget)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

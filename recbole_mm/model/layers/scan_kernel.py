@@ -34,8 +34,6 @@ SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
 if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.insert(2, "-mprefer-vector-width=512")
-# Float32 elements of saved states per backward slice: ~4 MB, so they stay near the cache.
-_STATES_BUDGET = 2 ** 20
 
 
 def _cache_dir() -> Path:
@@ -91,8 +89,8 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
         return None, f"loading {target} failed ({err})"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.scan_forward.argtypes = [i64] * 4 + [ptr] * 8
-    lib.scan_backward.argtypes = [i64] * 4 + [ptr] * 14
-    lib.scan_forward.restype = lib.scan_backward.restype = None
+    lib.scan_gradients.argtypes = [i64] * 4 + [ptr] * 15
+    lib.scan_forward.restype = lib.scan_gradients.restype = None
     return lib, ""
 
 
@@ -149,7 +147,8 @@ def forward(u, delta, A, B, C) -> torch.Tensor:
 
 def backward(u, delta, A, B, C, dy):
     """Gradients ``(d_u, d_delta, d_A, d_B, d_C)`` of ``sum(dy * y)`` (same layout as
-    :func:`forward`; ``d_u`` without the ``D`` term). States are recomputed slice by slice."""
+    :func:`forward`; ``d_u`` without the ``D`` term). Each sequence's states are recomputed just
+    before its backward pass (``scan_gradients``), so they are read back from the core's cache."""
     _check(u, delta, A, B, C, dy)
     lib = load()[0]
     batch, length, d = u.shape
@@ -157,22 +156,15 @@ def backward(u, delta, A, B, C, dy):
     A_t = A.t().contiguous()
     d_u, d_delta = torch.empty_like(u), torch.empty_like(delta)
     d_B, d_C = torch.empty_like(B), torch.empty_like(C)
-    rows_per_pass = max(1, _STATES_BUDGET // (length * n * d))
     partial_A = []
 
     def work(lo, hi):
         d_A_t = torch.zeros(n, d)
-        h, g, decay_next = torch.empty(n * d), torch.empty(n * d), torch.empty(n * d)
-        states = torch.empty(min(rows_per_pass, hi - lo) * length * n * d)
-        for start in range(lo, hi, rows_per_pass):
-            stop = min(hi, start + rows_per_pass)
-            rows = slice(start, stop)
-            lib.scan_forward(stop - start, length, d, n, _ptr(u[rows]), _ptr(delta[rows]), _ptr(A_t),
-                             _ptr(B[rows]), _ptr(C[rows]), _ptr(d_u[rows]), _ptr(h), _ptr(states))
-            lib.scan_backward(stop - start, length, d, n, _ptr(u[rows]), _ptr(delta[rows]), _ptr(A_t),
-                              _ptr(B[rows]), _ptr(C[rows]), _ptr(dy[rows]), _ptr(states), _ptr(d_u[rows]),
-                              _ptr(d_delta[rows]), _ptr(d_A_t), _ptr(d_B[rows]), _ptr(d_C[rows]), _ptr(g),
-                              _ptr(decay_next))
+        h, g, decay_next, states = torch.empty(n * d), torch.empty(n * d), torch.empty(n * d), torch.empty(length * n * d)
+        rows = slice(lo, hi)
+        lib.scan_gradients(hi - lo, length, d, n, _ptr(u[rows]), _ptr(delta[rows]), _ptr(A_t), _ptr(B[rows]),
+                           _ptr(C[rows]), _ptr(dy[rows]), _ptr(d_u[rows]), _ptr(d_delta[rows]), _ptr(d_A_t),
+                           _ptr(d_B[rows]), _ptr(d_C[rows]), _ptr(h), _ptr(states), _ptr(g), _ptr(decay_next))
         partial_A.append(d_A_t)
 
     _run_sliced(batch, work)

@@ -124,3 +124,23 @@ void scan_backward(int64_t nb, int64_t l, int64_t d, int64_t n,
         }
     }
 }
+
+/* Gradients of `nb` sequences, one sequence at a time: its forward states are recomputed into
+ * `states` ([l, n, d]: 400 KB at l 50, d 128, n 16), which the backward then reads while they are
+ * still in the core's cache; recomputing costs less than keeping states for a whole batch, which
+ * falls out of the cache. `h`, `g`, `decay_next` are [n, d] scratch buffers; d_u etc. as in
+ * scan_backward, `d_A_t` accumulated. */
+void scan_gradients(int64_t nb, int64_t l, int64_t d, int64_t n,
+                    const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
+                    const float *RESTRICT B, const float *RESTRICT C, const float *RESTRICT dy,
+                    float *RESTRICT d_u, float *RESTRICT d_delta, float *RESTRICT d_A_t,
+                    float *RESTRICT d_B, float *RESTRICT d_C, float *RESTRICT h, float *RESTRICT states,
+                    float *RESTRICT g, float *RESTRICT decay_next) {
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t x = b * l * d, bc = b * l * n;
+        /* y is not needed: the forward writes it into d_u, which the backward then overwrites */
+        scan_forward(1, l, d, n, u + x, delta + x, A_t, B + bc, C + bc, d_u + x, h, states);
+        scan_backward(1, l, d, n, u + x, delta + x, A_t, B + bc, C + bc, dy + x, states,
+                      d_u + x, d_delta + x, d_A_t, d_B + bc, d_C + bc, g, decay_next);
+    }
+}
