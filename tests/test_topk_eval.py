@@ -190,3 +190,16 @@ def test_the_blocked_path_describes_itself_once_per_trainer_and_user_set(caplog)
         trainer.evaluate(test_data, load_best_model=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("blocked top-")]
     assert len(lines) == 1 and f"{test_data.sample_size} users" in lines[0]
+
+
+def test_a_model_without_full_sort_predict_is_ranked_by_recboles_path(caplog):
+    # NeuMF (like NNCF, ConvNCF) scores items through predict only: the default blocked path
+    # hands it to RecBole's evaluation, which does that, instead of failing
+    config, _, test_data, net = _setup("NeuMF", None)
+    caplog.set_level(logging.INFO)
+    trainer = get_trainer(config["MODEL_TYPE"], "NeuMF")(config, net)
+    assert use_blocked(config, test_data)
+    got = trainer.evaluate(test_data, load_best_model=False)
+    assert "NeuMF has no full_sort_predict: RecBole's evaluation" in caplog.text
+    config["topk_eval"] = "recbole"
+    assert got == trainer.evaluate(test_data, load_best_model=False)

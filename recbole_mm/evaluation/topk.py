@@ -154,12 +154,15 @@ class TopKEvalMixin:
             if history is not None:
                 history = tuple(h.to(self.device) for h in history)
             if scorer is None:
-                scorer = make_scorer(self.model, interaction[:CHECK_USERS], n_items)
+                try:
+                    scorer = make_scorer(self.model, interaction[:CHECK_USERS], n_items)
+                except NotImplementedError:  # no full_sort_predict (NeuMF, NNCF, ConvNCF): RecBole's
+                    # path scores every item through predict; the weights are loaded already
+                    self._describe(f"{type(self.model).__name__} has no full_sort_predict: RecBole's evaluation")
+                    return super().evaluate(eval_data, False, model_file, show_progress)
                 about = (f"blocked top-{k} evaluation: {len(indices)} users x {n_items} items, "
                          f"scores from {scorer.name}, blocks of {chunk} users x {item_block} items")
-                if about != self._blocked_about:  # once, not after every training epoch
-                    self.logger.info(about)
-                    self._blocked_about = about
+                self._describe(about)
             topk_ids = blocked_topk(scorer, interaction, history, n_items, k, item_block, chunk * item_block)
             self.eval_collector.eval_topk_collect(topk_ids, interaction, positive_u, positive_i, n_items)
         self.eval_collector.model_collect(self.model)
@@ -170,3 +173,9 @@ class TopKEvalMixin:
             result = self._map_reduce(result, 4 * len(eval_data))
         self.wandblogger.log_eval_metrics(result, head="eval")
         return result
+
+    def _describe(self, about: str) -> None:
+        """Logs how the ranking runs: once, not after every training epoch."""
+        if about != self._blocked_about:
+            self.logger.info(about)
+            self._blocked_about = about
