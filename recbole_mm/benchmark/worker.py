@@ -72,10 +72,14 @@ class _UserCollector(TopKCollector):
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
-        self._batch_users.append(interaction[self.config["USER_ID_FIELD"]].cpu())
+        self._keep_users(interaction)
 
     def eval_topk_collect(self, topk_ids, interaction, positive_u, positive_i, n_items):
         super().eval_topk_collect(topk_ids, interaction, positive_u, positive_i, n_items)
+        self._keep_users(interaction)
+
+    def _keep_users(self, interaction):
+        """The users of a batch's ranking rows, in row order (either path)."""
         self._batch_users.append(interaction[self.config["USER_ID_FIELD"]].cpu())
 
     def get_data_struct(self):

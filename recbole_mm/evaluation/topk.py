@@ -127,7 +127,7 @@ class TopKEvalMixin:
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = TopKCollector(config)
-        self._blocked_about = None
+        self._described = None
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -176,6 +176,6 @@ class TopKEvalMixin:
 
     def _describe(self, about: str) -> None:
         """Logs how the ranking runs: once, not after every training epoch."""
-        if about != self._blocked_about:
+        if about != self._described:
             self.logger.info(about)
-            self._blocked_about = about
+            self._described = about

@@ -160,7 +160,8 @@ def backward(u, delta, A, B, C, dy):
 
     def work(lo, hi):
         d_A_t = torch.zeros(n, d)
-        h, g, decay_next, states = torch.empty(n * d), torch.empty(n * d), torch.empty(n * d), torch.empty(length * n * d)
+        h, g, decay_next = torch.empty(n * d), torch.empty(n * d), torch.empty(n * d)
+        states = torch.empty(length * n * d)  # one sequence's, reused for each
         rows = slice(lo, hi)
         lib.scan_gradients(hi - lo, length, d, n, _ptr(u[rows]), _ptr(delta[rows]), _ptr(A_t), _ptr(B[rows]),
                            _ptr(C[rows]), _ptr(dy[rows]), _ptr(d_u[rows]), _ptr(d_delta[rows]), _ptr(d_A_t),
