@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_mm.model.layers import mamba as mamba_mod
-from recbole_mm.model.layers import scan_kernel
+from recbole_mm.model.layers import compiled, scan_kernel
 from recbole_mm.model.layers.mamba import (Mamba, MambaBackendError, MambaEncoder, selective_scan,
                                            selective_scan_reference)
 
@@ -193,8 +193,8 @@ def test_compiled_scan_is_chosen_only_where_it_runs(monkeypatch):
     with pytest.raises(RuntimeError, match="compiled scan takes float32 CPU tensors"):
         selective_scan(*_scan_inputs(torch.float64), kernel=True)
     # a machine without a compiler: no kernel, and the reason is what the backend line reports
-    monkeypatch.setattr(scan_kernel, "_compiler", lambda: None)
-    assert scan_kernel.load.__wrapped__() == (None, "no C compiler found ($CC, cc, gcc, clang)")
+    monkeypatch.setattr(compiled, "_compiler", lambda: None)
+    assert compiled.library.__wrapped__("selective_scan", "SCAN") == (None, "no C compiler found ($CC, cc, gcc, clang)")
     monkeypatch.setattr(scan_kernel, "load", lambda: (None, "no C compiler found ($CC, cc, gcc, clang)"))
     assert "compiled CPU scan not used: no C compiler found" in mamba_mod._torch_scan_name(torch.zeros(1))
 
