@@ -60,9 +60,10 @@ def _compiler() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def library(name: str, switch: str) -> Tuple[Optional[ctypes.CDLL], str]:
+def library(name: str, switch: str, functions: Tuple[Tuple[str, tuple], ...] = ()) -> Tuple[Optional[ctypes.CDLL], str]:
     """``(library, "")`` when ``csrc/<name>.c`` is built (or cached) and loads, else ``(None, why)``;
-    ``RECBOLE_MM_<switch>_KERNEL=0`` keeps it unloaded."""
+    ``RECBOLE_MM_<switch>_KERNEL=0`` keeps it unloaded. ``functions`` are the ``(name, argtypes)``
+    of the library's void C functions, declared to ``ctypes`` once here."""
     variable = f"RECBOLE_MM_{switch}_KERNEL"
     if os.environ.get(variable, "1") == "0":
         return None, f"{variable}=0"
@@ -88,9 +89,13 @@ def library(name: str, switch: str) -> Tuple[Optional[ctypes.CDLL], str]:
         except (OSError, subprocess.SubprocessError) as err:
             return None, f"building {source_path.name} failed ({type(err).__name__}: {err})"
     try:
-        return ctypes.CDLL(str(target)), ""
+        lib = ctypes.CDLL(str(target))
     except OSError as err:
         return None, f"loading {target} failed ({err})"
+    for function, argtypes in functions:
+        getattr(lib, function).argtypes = list(argtypes)
+        getattr(lib, function).restype = None
+    return lib, ""
 
 
 def ptr(x: Optional[torch.Tensor]):

@@ -1,7 +1,6 @@
 """Dropout that costs less on CPUs."""
 
 import ctypes
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -14,17 +13,14 @@ _LEVELS = 2 ** 16
 _SLICE = 1 << 16  # elements per thread at least: a thread costs more than a smaller slice saves
 
 
-@functools.lru_cache(maxsize=None)
+_FUNCTIONS = (("dropout_apply", (ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32,
+                                  ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p)),)
+
+
 def load() -> Tuple[Optional[ctypes.CDLL], str]:
     """The compiled kernel (``csrc/dropout.c``) as :func:`~recbole_mm.model.layers.compiled.library`
     gives it; ``RECBOLE_MM_DROPOUT_KERNEL=0`` keeps it off."""
-    lib, why = compiled.library("dropout", "DROPOUT")
-    if lib is not None:
-        u32 = ctypes.c_uint32
-        lib.dropout_apply.argtypes = [ctypes.c_int64, ctypes.c_int64, u32, u32, u32, ctypes.c_float,
-                                      ctypes.c_void_p, ctypes.c_void_p]
-        lib.dropout_apply.restype = None
-    return lib, why
+    return compiled.library("dropout", "DROPOUT", _FUNCTIONS)
 
 
 def _apply(x: torch.Tensor, keys, drop: int, scale: float) -> torch.Tensor:

@@ -7,7 +7,6 @@ against the PyTorch scan). Each call covers slices of the batch, one per torch t
 """
 
 import ctypes
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -16,16 +15,14 @@ from recbole_mm.model.layers import compiled
 from recbole_mm.model.layers.compiled import ptr, run_sliced
 
 
-@functools.lru_cache(maxsize=None)
+_I64, _ADDRESS = ctypes.c_int64, ctypes.c_void_p
+_FUNCTIONS = (("scan_forward", (_I64,) * 4 + (_ADDRESS,) * 8),
+              ("scan_gradients", (_I64,) * 4 + (_ADDRESS,) * 15))
+
+
 def load() -> Tuple[Optional[ctypes.CDLL], str]:
     """``(library, "")`` when the kernel is built (or cached) and loads, else ``(None, why)``."""
-    lib, why = compiled.library("selective_scan", "SCAN")
-    if lib is not None:
-        i64, address = ctypes.c_int64, ctypes.c_void_p
-        lib.scan_forward.argtypes = [i64] * 4 + [address] * 8
-        lib.scan_gradients.argtypes = [i64] * 4 + [address] * 15
-        lib.scan_forward.restype = lib.scan_gradients.restype = None
-    return lib, why
+    return compiled.library("selective_scan", "SCAN", _FUNCTIONS)
 
 
 def available() -> bool:
