@@ -346,6 +346,31 @@ def test_feature_logits_score_candidates_from_their_features(planted3):
     assert all(m.weight.grad.abs().sum() > 0 for m in model.item_tower.projection.maps)
 
 
+def test_fused_id_input_reads_the_features_in_the_id_stream(planted3):
+    # id_input: fused runs the ID stream over sec. 2.1's e_fused = Concat(e_id, W_m f_m): its width
+    # is embedding_size + M align_dim and its last state moves with a history item's features,
+    # which the ID stream over e_id alone never sees; the projections are the modality streams' own
+    for id_input in ("id", "fused"):
+        model, train = _model(planted3, id_input=id_input, dropout_prob=0.0)
+        width = 16 + (2 * 16 if id_input == "fused" else 0)
+        assert model.id_encoder.norm.normalized_shape == (width,)
+        assert model.output_ffn[0].in_features == width + 16
+        model.eval()
+        batch = next(iter(train))[:8]
+        seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+        z_id = model._streams(seq, lengths)[0]
+        model.streams[0].features[seq[0, 0]] += 1.0
+        moved = model._streams(seq, lengths)[0]
+        assert torch.allclose(moved[1:][(seq[1:] != seq[0, 0]).all(1)], z_id[1:][(seq[1:] != seq[0, 0]).all(1)])
+        assert torch.allclose(moved[0], z_id[0]) == (id_input == "id")
+    model.train()
+    model.zero_grad()
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="id_input"):
+        _model(planted3, id_input="both")
+
+
 def test_switches_and_modality_counts(planted3, caplog):
     model, train = _model(planted3, use_cross_attn=False, use_moe=False, use_iicm=False)
     assert model.cross_attn is None and isinstance(model.moes[0].linear, torch.nn.Linear) and model.iicm is None

@@ -48,8 +48,9 @@ HASH_IGNORED = frozenset({
 })
 #: keys added after benchmarks had finished runs, left out of the hash at their neutral value, the
 #: one that computes what runs from before the key computed (``iicm_share`` off; cold items drawn as
-#: negatives, as they were), so such runs keep their key; other values hash as new
-HASH_NEUTRAL = {"iicm_share": None, "cold_negatives": True}
+#: negatives, as they were; FindRec's ID stream over the ID embeddings), so such runs keep their key;
+#: other values hash as new
+HASH_NEUTRAL = {"iicm_share": None, "cold_negatives": True, "id_input": "id"}
 #: keys that mean nothing unless another key is set: left out of the hash then (``cold_negatives``
 #: came after runs without cold items had finished, which keep their key)
 HASH_ONLY_WITH = {"cold_negatives": "cold_item_ratio"}

@@ -24,6 +24,11 @@ from recbole_mm.model.loss.gradient_share import GradientShare
 from recbole_mm.model.loss.stein import IICMLoss
 
 
+#: what the ID stream reads (``id_input``): the item-ID embeddings, or sec. 2.1's concatenation
+#: ``e_fused = Concat(e_id, W_m f_m ...)``
+ID_INPUTS = ("id", "fused")
+
+
 class ModalityStream(nn.Module):
     """One modality's sequence encoder: the item's feature row (looked up by item id in a
     non-persistent buffer, so checkpoints hold no features) -> ``W_m f_m`` (``align_dim``) ->
@@ -41,13 +46,17 @@ class ModalityStream(nn.Module):
         self.encoder = MambaEncoder(n_layers, align_dim, dropout=dropout, **mamba_args)
         self.posterior = nn.Linear(align_dim, 2 * align_dim) if variational else None
 
-    def forward(self, item_seq: torch.Tensor):
-        """``item_seq: [B, L]`` -> ``(states [B, L, align_dim], mu, logvar)`` (``None`` without
-        the variational head)."""
+    def project(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """``W_m f_m`` at every position, ``[B, L, align_dim]`` (no dropout)."""
         # project each distinct item of the batch once, then gather: fewer rows than B*L
         # positions and than the whole item table
         items, where = torch.unique(item_seq, return_inverse=True)
-        states = self.encoder(self.dropout(self.proj(self.features[items])[where]))
+        return self.proj(self.features[items])[where]
+
+    def forward(self, item_seq: torch.Tensor, projected: Optional[torch.Tensor] = None):
+        """``item_seq: [B, L]`` -> ``(states [B, L, align_dim], mu, logvar)`` (``None`` without
+        the variational head); ``projected``: :meth:`project`'s result when already computed."""
+        states = self.encoder(self.dropout(self.project(item_seq) if projected is None else projected))
         if self.posterior is None:
             return states, None, None
         mu, logvar = self.posterior(states).chunk(2, dim=-1)
@@ -64,6 +73,9 @@ class FindRec(SequentialRecommender):
     - Streams (sec. 2.1): the item-ID embeddings (``embedding_size``) and, per modality ``m``,
       ``W_m f_m`` (``align_dim``) each pass ``n_layers`` Mamba blocks
       ``x + alpha Dropout(Mamba(LN(x)))`` + FFN; the last valid position gives ``z_ID``, ``z_m``.
+      With ``id_input: fused`` the ID stream reads sec. 2.1's ``e_fused = Concat(e_id, W_m f_m
+      ...)`` (``embedding_size + M align_dim`` wide, the same projections as the modality streams)
+      instead of ``e_id`` alone (docs/design.md §findrec).
     - Cross-modal attention (eq. 2; docs/design.md §findrec): per head, queries from the first modality of a pair
       (the paper's image), keys/values from the second, over positions with causal and padding
       masks (keys also masked where an item has no feature row), residual; last valid position.
@@ -97,7 +109,7 @@ class FindRec(SequentialRecommender):
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
     ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
     the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
-    ``cross_pairs``, ``feature_logits`` (false); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
+    ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
     """
 
@@ -123,7 +135,6 @@ class FindRec(SequentialRecommender):
         entropy = config["iicm_entropy"] if config["use_entropy"] else None
         self.iicm_weight = config["iicm_weight"]
         self.length_groups = config["length_groups"]
-        self.group_overhead = group_overhead(max(emb, align))
         self.log_loss_terms = config["log_loss_terms"]
         # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits
         self.ce_item_chunk = config["ce_item_chunk"]
@@ -136,9 +147,15 @@ class FindRec(SequentialRecommender):
             raise ValueError("FindRec needs at least one modality: set `modalities` (e.g. in the dataset YAML)")
         self.pairs = self._cross_pairs(config["cross_pairs"])
 
+        self.id_input = config["id_input"]
+        if self.id_input not in ID_INPUTS:
+            raise ValueError(f"id_input must be one of {ID_INPUTS}, got {self.id_input!r}")
+        # the ID stream's width: e_id, or sec. 2.1's e_fused = Concat(e_id, W_m f_m for every m)
+        id_width = emb + (align * len(self.modalities) if self.id_input == "fused" else 0)
+        self.group_overhead = group_overhead(max(id_width, align))
         self.item_embedding = nn.Embedding(self.n_items, emb, padding_idx=0)
         self.id_dropout = Dropout(dropout)
-        self.id_encoder = MambaEncoder(n_layers, emb, dropout=dropout, **mamba_args)
+        self.id_encoder = MambaEncoder(n_layers, id_width, dropout=dropout, **mamba_args)
         self.streams = nn.ModuleList(
             ModalityStream(dataset.item_features[m], dataset.item_feature_mask[m], align, n_layers, dropout,
                            mamba_args, variational=use_iicm and entropy == "kl")
@@ -157,7 +174,7 @@ class FindRec(SequentialRecommender):
                 raise ValueError("iicm_share needs iicm_weight > 0: it is the first step's IICM weight, through "
                                  f"which the IICM gradient is first measured (got {self.iicm_weight})")
             self.iicm_share = GradientShare(config["iicm_share"], self.iicm_weight)
-        fused = emb + align * len(self.moes)
+        fused = id_width + align * len(self.moes)
         self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
         self.loss_fct = nn.CrossEntropyLoss()
@@ -220,10 +237,15 @@ class FindRec(SequentialRecommender):
         """The ID and modality streams over one group: ``(z_id, views, posteriors)`` at the last
         valid position, then each modality's full states and the cross-attention's key masks."""
         last = item_seq_len - 1
-        z_id = self.gather_indexes(self.id_encoder(self.id_dropout(self.item_embedding(item_seq))), last)
+        ids = self.item_embedding(item_seq)
+        projected = [None] * len(self.streams)
+        if self.id_input == "fused":  # sec. 2.1: the ID stream reads e_fused; W_m f_m computed once
+            projected = [stream.project(item_seq) for stream in self.streams]
+            ids = torch.cat([ids, *projected], dim=-1)
+        z_id = self.gather_indexes(self.id_encoder(self.id_dropout(ids)), last)
         states, views, posteriors = [], [], []
-        for stream in self.streams:
-            seq, mu, logvar = stream(item_seq)
+        for stream, proj in zip(self.streams, projected):
+            seq, mu, logvar = stream(item_seq, proj)
             states.append(seq)
             views.append(self.gather_indexes(seq, last))
             if mu is not None:
