@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_mm.model.loss.infonce import InfoNCELoss
-from recbole_mm.model.loss.kernels import gaussian_kernel
+from recbole_mm.model.loss.kernels import exponent_factors, gaussian_kernel, kernel_from_exponent
 from recbole_mm.model.loss.mixins import AlignmentLossMixin, BPRLossMixin, EmbRegLossMixin
 from recbole_mm.model.loss.mmd import MMDLoss
 
@@ -121,10 +121,13 @@ def test_mmd_gradient_step_pulls_the_samples_together():
     assert after.item() < before.item()
 
 
+@pytest.mark.parametrize("block_values", [1 << 17, 20])  # one block; blocks of one or two rows
 @pytest.mark.parametrize("m, bandwidth", [(12, [1.0]), (12, [0.7, 1.5, 3.0]), (9, [1.3])])
-def test_mmd_gradient_equals_autograd_through_the_distance_form(m, bandwidth):
+def test_mmd_gradient_equals_autograd_through_the_distance_form(m, bandwidth, block_values, monkeypatch):
     """The hand-written backward of MMDLoss (paired, m = n, and unpaired) against autograd through
-    the kernel written from distances, in float64; and torch's numerical gradient check."""
+    the kernel written from distances, in float64, with the kernel matrices in one block and in
+    many; and torch's numerical gradient check."""
+    monkeypatch.setattr("recbole_mm.model.loss.mmd._BLOCK_VALUES", block_values)
     g = torch.Generator().manual_seed(10)
     x = torch.randn(12, 4, generator=g, dtype=torch.float64).requires_grad_()
     y = (torch.randn(m, 4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
@@ -149,9 +152,11 @@ def test_gaussian_kernel_slope_is_the_derivative_in_the_exponent():
     x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
     exponent = -torch.cdist(x, y).pow(2) / 2
     for bws in ([1.0], [2.0], [0.5, 1.0, 4.0]):
-        kernel, (slope, scale) = gaussian_kernel(x, y, bws, slope=True)
+        left, right, ratios = exponent_factors(x, y, bws)
+        assert torch.allclose(left @ right.T, exponent / bws[0] ** 2)
+        kernel, slope = kernel_from_exponent(left @ right.T, ratios, slope=True)
         assert torch.allclose(kernel, gaussian_kernel(x, y, bws))
-        assert torch.allclose(scale * slope, sum(torch.exp(exponent / s**2) / s**2 for s in bws))
+        assert torch.allclose(slope / bws[0] ** 2, sum(torch.exp(exponent / s**2) / s**2 for s in bws))
 
 
 def test_mmd_rejects_bad_input():
@@ -174,6 +179,28 @@ def test_infonce_matches_hand_computation():
         logits = [cos(a[i], b[j]) / tau for j in range(3)]
         expected -= logits[i] - math.log(sum(math.exp(s) for s in logits))
     assert InfoNCELoss(tau)(a, b).item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("block_values", [1 << 17, 20])  # one block; blocks of one or two rows
+@pytest.mark.parametrize("tau", [0.2, 0.005])  # 0.005: logits up to 200, exp() would overflow unshifted
+def test_infonce_value_and_gradients_equal_cross_entropy_over_the_logits(tau, block_values, monkeypatch):
+    # the blocked loss with its hand-written backward against autograd through torch's cross-entropy
+    # over the whole logit matrix, in float64; and torch's numerical gradient check
+    monkeypatch.setattr("recbole_mm.model.loss.infonce._BLOCK_VALUES", block_values)
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(11, 5, generator=g, dtype=torch.float64).requires_grad_()
+    b = (torch.randn(11, 5, generator=g, dtype=torch.float64) + a.detach()).requires_grad_()
+    loss = InfoNCELoss(tau)
+
+    def reference(a, b):
+        logits = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T / tau
+        return torch.nn.functional.cross_entropy(logits, torch.arange(a.shape[0]))
+
+    value, expected = loss(a, b), reference(a, b)
+    assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=1e-10)
+    for mine, theirs in zip(torch.autograd.grad(value, [a, b]), torch.autograd.grad(expected, [a, b])):
+        assert torch.allclose(mine, theirs, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(loss, (a, b))
 
 
 def test_infonce_prefers_matched_views_and_checks_shapes():

@@ -45,7 +45,8 @@ RecBole's LightGCN); the paper's "weight decay 1e-4" is this ``reg_weight`` (Rec
 Training and evaluation cost as in MGCN (row-wise parts for the batch's rows only; cached final
 embeddings for evaluation). What MambaRec adds has exact fast paths: DREAM's branches folded into one
 matrix product and its gating run block by block (:mod:`recbole_mm.model.layers.dream`, "Cost"), the
-MMD with a hand-written backward pass (:mod:`recbole_mm.model.loss.mmd`). Per training step, batch
+MMD and the InfoNCE with hand-written backward passes over row blocks of their ``[N, N]`` matrices
+(:mod:`recbole_mm.model.loss.mmd`, :mod:`recbole_mm.model.loss.infonce`). Per training step, batch
 2048, one thread: ``benchmarks/mambarec_cost.py``.
 
 Hyperparameters (``properties/model/MambaRec.yaml``): MGCN's (embedding_size, knn_k, n_ui_layers,

@@ -1,5 +1,5 @@
 """Block-wise helpers: cache-sized row blocks for hand-written CPU loops (DREAM's gated merge, the
-PyTorch scan) and a running top-k over column blocks (the blocked full-ranking evaluation, the
+PyTorch scan, the MMD's and InfoNCE's kernel and logit matrices) and a running top-k over column blocks (the blocked full-ranking evaluation, the
 kNN item graphs) whose score blocks share one buffer, so that no ``[rows, n_items]`` matrix is
 ever needed whole."""
 

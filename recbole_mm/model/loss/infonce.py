@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_mm.model.layers.blocks import row_blocks
+
 
 class InfoNCELoss(nn.Module):
     """``-1/N sum_i log( exp(s_ii / tau) / sum_j exp(s_ij / tau) )`` with ``s = cos(a_i, b_j)``.
@@ -32,6 +34,42 @@ class InfoNCELoss(nn.Module):
             raise ValueError(
                 f"InfoNCE needs two views of the same items, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         # 1/tau on the n rows of a rather than on the n x n logits
-        logits = (F.normalize(a, dim=-1) / self.temperature) @ F.normalize(b, dim=-1).T
-        # cross-entropy with the diagonal as target == eq. 10 (log-sum-exp is the stable form)
-        return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+        return _InfoNCE.apply(F.normalize(a, dim=-1) / self.temperature, F.normalize(b, dim=-1))
+
+
+#: logits per block of :class:`_InfoNCE`: 512 KB in float32, so that a block's passes stay in the cache
+_BLOCK_VALUES = 1 << 17
+
+
+class _InfoNCE(torch.autograd.Function):
+    """``mean_i (logsumexp_j q_i . k_j - q_i . k_i)`` (eq. 10 with ``q = a / tau``, ``k = b``, both
+    normalised) over row blocks of the logits, never holding the ``[N, N]`` matrix: the forward keeps
+    each row's log-sum-exp, the backward recomputes a block's softmax ``P`` from it and takes
+    ``dL/dq = (P - I) k / N``, ``dL/dk = (P - I)^T q / N``. The same value and gradients as
+    ``F.cross_entropy(q @ k.T, arange(N))``; fresh ``[N, N]`` matrices cost more than their
+    products on a CPU (MambaRec's ~1700 items: ~25 ms instead of ~50 ms forward + backward, one
+    thread, loaded machine)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        lse = q.new_empty(n)
+        for rows in row_blocks(n, n, _BLOCK_VALUES, q.device):
+            logits = torch.mm(q[rows], k.T)
+            top = logits.amax(1, keepdim=True)  # the stable form: exp of values <= 0
+            lse[rows] = top[:, 0] + logits.sub_(top).exp_().sum(1).log_()
+        ctx.save_for_backward(q, k, lse)
+        return (lse.sum() - (q * k).sum()) / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, lse = ctx.saved_tensors
+        n = q.shape[0]
+        scale = grad / n
+        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+        for rows in row_blocks(n, n, _BLOCK_VALUES, q.device):
+            p = torch.mm(q[rows], k.T).sub_(lse[rows, None]).exp_()  # softmax rows
+            p.diagonal(rows.start).sub_(1.0)  # minus the one-hot target
+            torch.mm(p, k, out=grad_q[rows])
+            grad_k.addmm_(p.T, q[rows])
+        return grad_q.mul_(scale), grad_k.mul_(scale)

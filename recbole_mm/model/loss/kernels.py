@@ -5,7 +5,7 @@ bandwidth computed from the data (:func:`median_bandwidth`) is detached, so it a
 constant scale and not as something the model can shrink to cheat the loss.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,34 +54,43 @@ def gaussian_kernel_from_sq_dists(d2: torch.Tensor, bandwidth: Bandwidth) -> tor
     return out
 
 
-def gaussian_kernel(x: torch.Tensor, y: Optional[torch.Tensor] = None, bandwidth: Bandwidth = 1.0,
-                    slope: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, Tuple[torch.Tensor, float]]]:
-    """Gram matrix ``K[i, j] = sum_s exp(-||x_i - y_j||^2 / (2 s^2))`` for ``x: [n, d]``, ``y: [m, d]``.
+def exponent_factors(x: torch.Tensor, y: torch.Tensor, bandwidth: Bandwidth) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
+    """``(left, right, ratios)`` with ``left @ right.T = E / s_0^2`` for the exponent ``E[i, j] =
+    -||x_i - y_j||^2 / 2`` and the first bandwidth ``s_0``, and ``ratios[s] = s_0^2 / s^2``.
 
-    With ``slope`` also ``(S, c)``, the derivative in the exponent ``E = -||x_i - y_j||^2 / 2`` being
-    ``dK/dE = sum_s exp(E / s^2) / s^2 = c S``, for a hand-written backward pass
-    (:mod:`recbole_mm.model.loss.mmd`); with one bandwidth ``S`` is ``K`` itself (``c = 1 / s^2``).
-
-    The scaled exponent ``E / s^2 = (x_i . y_j - |x_i|^2 / 2 - |y_j|^2 / 2) / s^2`` comes out of one
-    matrix product (clamped at 0 against rounding), then one ``exp`` per bandwidth: fewer passes over
-    the ``[n, m]`` matrix than distances first (MambaRec's MMD on ~1400 items: 0.17 s instead of 0.22 s
-    forward + backward, one thread)."""
-    y = x if y is None else y
+    ``E / s^2 = (x_i . y_j - |x_i|^2 / 2 - |y_j|^2 / 2) / s^2`` comes out of one matrix product:
+    ``[x, -|x|^2/2, 1] . [y, 1, -|y|^2/2]``, so the squared norms ride in the product and no
+    ``[n, m]`` pass is spent on them (MambaRec's MMD on ~1400 items: 0.17 s instead of 0.22 s
+    forward + backward with distances first, one thread). A row block of ``left`` gives the same
+    rows of ``E``, which is how :mod:`recbole_mm.model.loss.mmd` walks the matrix."""
     inv_sq = _as_bandwidths(bandwidth, x).pow(-2).tolist()
-    # [x, -|x|^2/2, 1] . [y, 1, -|y|^2/2] = E: the squared norms ride in the product, no [n, m] pass for them
-    ones_x, ones_y = x.new_ones(x.shape[0], 1), y.new_ones(y.shape[0], 1)
-    left = torch.cat([x, -0.5 * x.pow(2).sum(-1, keepdim=True), ones_x], 1) * inv_sq[0]
-    right = torch.cat([y, ones_y, -0.5 * y.pow(2).sum(-1, keepdim=True)], 1)
-    scaled = (left @ right.T).clamp_max(0.0)  # E / s_0^2
+    left = torch.cat([x, -0.5 * x.pow(2).sum(-1, keepdim=True), x.new_ones(x.shape[0], 1)], 1) * inv_sq[0]
+    right = torch.cat([y, y.new_ones(y.shape[0], 1), -0.5 * y.pow(2).sum(-1, keepdim=True)], 1)
+    return left, right, [w / inv_sq[0] for w in inv_sq]
+
+
+def kernel_from_exponent(scaled: torch.Tensor, ratios: Sequence[float],
+                         slope: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """The kernel ``K = sum_s exp(scaled * ratios[s])`` from ``scaled = E / s_0^2`` (clamped at 0
+    against rounding by the caller) and :func:`exponent_factors`'s ``ratios``; with ``slope`` also
+    ``S = sum_s ratios[s] exp(scaled * ratios[s])``, so that ``dK/dE = S / s_0^2`` (for a
+    hand-written backward pass). With one bandwidth ``S`` is ``K`` itself."""
     out = torch.exp(scaled)
-    if len(inv_sq) == 1:
-        return (out, (out, inv_sq[0])) if slope else out
-    d_out = out * inv_sq[0]
-    for w in inv_sq[1:]:
-        term = torch.exp(scaled * (w / inv_sq[0]))
+    if len(ratios) == 1:
+        return (out, out) if slope else out
+    d_out = out
+    for r in ratios[1:]:
+        term = torch.exp(scaled * r)
         out = out + term
-        d_out = d_out + term * w
-    return (out, (d_out, 1.0)) if slope else out
+        d_out = d_out + term * r
+    return (out, d_out) if slope else out
+
+
+def gaussian_kernel(x: torch.Tensor, y: Optional[torch.Tensor] = None, bandwidth: Bandwidth = 1.0) -> torch.Tensor:
+    """Gram matrix ``K[i, j] = sum_s exp(-||x_i - y_j||^2 / (2 s^2))`` for ``x: [n, d]``, ``y: [m, d]``
+    (``y = x`` if omitted), differentiable in both."""
+    left, right, ratios = exponent_factors(x, x if y is None else y, bandwidth)
+    return kernel_from_exponent((left @ right.T).clamp_max(0.0), ratios)
 
 
 def paired_gaussian_kernel(x: torch.Tensor, y: torch.Tensor, bandwidth: Bandwidth = 1.0) -> torch.Tensor:
