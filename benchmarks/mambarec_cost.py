@@ -12,6 +12,8 @@ RecBole's trainer does per batch: ``zero_grad``, ``calculate_loss`` (summed), ``
 ``step``. The models are interleaved step by step in one process (``--threads`` torch threads), so a
 change of the machine's load hits them alike; the table gives the median s/step (mean beside it)
 and its ratio to LightGCN's median. Writes ``mambarec_cost_<dataset>.csv`` and ``.md`` to ``--out``.
+``--parts`` adds MambaRec without DREAM, without the MMD and InfoNCE, and without both (where the
+cost over MGCN goes).
 """
 
 import argparse
@@ -31,6 +33,9 @@ sys.path.insert(0, str(ROOT))  # the checkout being measured
 
 SUITE = ROOT / "benchmarks" / "suites" / "mambarec-table2-tiktok.yaml"
 MODELS = ("MambaRec", "MGCN", "LightGCN")
+#: ``--parts``: MambaRec with what it adds to MGCN switched off, one part at a time and both
+PARTS = {"MambaRec w/o DREAM": {"use_dream": False}, "MambaRec w/o MMD+InfoNCE": {"use_mmd": False, "use_cl": False},
+         "MambaRec w/o both": {"use_dream": False, "use_mmd": False, "use_cl": False}}
 FIELDS = ["dataset", "model", "steps", "median_s_per_step", "mean_s_per_step", "ratio_to_lightgcn",
           "batches_per_epoch", "s_per_epoch", "threads"]
 
@@ -51,7 +56,7 @@ def _build(name: str, dataset: str, overrides: dict):
     return config, train, model
 
 
-def measure(dataset: str, steps: int, warmup: int, threads: int) -> list:
+def measure(dataset: str, steps: int, warmup: int, threads: int, parts: bool = False) -> list:
     import torch
 
     torch.set_num_threads(threads)
@@ -61,13 +66,15 @@ def measure(dataset: str, steps: int, warmup: int, threads: int) -> list:
     torch.autograd.set_detect_anomaly(False)
     models, train = {}, None
     n_layers = None
-    for name in MODELS:
-        overrides = {"n_layers": n_layers} if name == "LightGCN" else {}
+    runs = [(name, name, {}) for name in MODELS]
+    runs += [(label, "MambaRec", overrides) for label, overrides in PARTS.items()] if parts else []
+    for label, name, overrides in runs:
+        overrides = {"n_layers": n_layers} if name == "LightGCN" else overrides
         config, loader, model = _build(name, dataset, overrides)
-        if name == "MambaRec":
+        if label == "MambaRec":
             n_layers, train = config["n_ui_layers"], loader
         model.train()
-        models[name] = (model, torch.optim.Adam(model.parameters(), lr=config["learning_rate"]))
+        models[label] = (model, torch.optim.Adam(model.parameters(), lr=config["learning_rate"]))
     torch.set_num_threads(threads)  # init_seed and the builders may reset it
     batches = []
     for batch in train:
@@ -83,7 +90,7 @@ def measure(dataset: str, steps: int, warmup: int, threads: int) -> list:
         optimizer.step()
         return time.perf_counter() - start
 
-    times = {name: [] for name in MODELS}
+    times = {name: [] for name in models}
     for i, batch in enumerate(batches):
         for name, (model, optimizer) in models.items():
             seconds = step(model, optimizer, batch)
@@ -91,7 +98,7 @@ def measure(dataset: str, steps: int, warmup: int, threads: int) -> list:
                 times[name].append(seconds)
     base = statistics.median(times["LightGCN"])
     rows = []
-    for name in MODELS:
+    for name in models:
         median = statistics.median(times[name])
         rows.append({"dataset": dataset, "model": name, "steps": len(times[name]), "median_s_per_step": median,
                      "mean_s_per_step": statistics.fmean(times[name]), "ratio_to_lightgcn": median / base,
@@ -122,8 +129,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--parts", action="store_true", help="also MambaRec without DREAM, without MMD + InfoNCE, without both")
     args = parser.parse_args(argv)
-    rows = measure(args.dataset, args.steps, args.warmup, args.threads)
+    rows = measure(args.dataset, args.steps, args.warmup, args.threads, args.parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"mambarec_cost_{args.dataset}"
