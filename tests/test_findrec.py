@@ -409,7 +409,7 @@ def test_loss_terms_are_logged_with_their_gradient_norms(planted3, caplog):
     model.train()
     batch = next(iter(train))
     ce, align, entropy = model.calculate_loss(batch)
-    report = model.loss_term_report()
+    report = model.term_log.report()
     assert list(report) == ["ce", "iicm_align", "iicm_entropy"]
     assert report["iicm_align"][0] == pytest.approx(align.item())
     # the gradient norm at the streams' last states, by hand for the alignment and the entropy
@@ -423,7 +423,7 @@ def test_loss_terms_are_logged_with_their_gradient_norms(planted3, caplog):
     with caplog.at_level(logging.INFO):
         model.eval()
     assert "FindRec loss terms (mean value, |grad at z_m|, share of ce's): ce " in caplog.text
-    assert model.loss_term_report() == {}
+    assert model.term_log.report() == {}
 
 
 def _share_step(share, x, a, b):
@@ -465,10 +465,10 @@ def test_iicm_share_holds_the_alignment_at_its_share_of_the_ce_gradient(planted3
     assert first_align.item() == pytest.approx(model.iicm_weight * raw.item(), rel=1e-5)  # iicm_weight first
     model.zero_grad()
     (first_ce + first_align).backward()
-    model._loss_term_sums.clear()
+    model.term_log.summary("FindRec")  # resets the sums
     # the same batch again (no dropout): the alignment's gradient at z_m is 25% of the CE's
     ce, align = model.calculate_loss(batch)
-    report = model.loss_term_report()
+    report = model.term_log.report()
     assert report["iicm_align"][1] / report["ce"][1] == pytest.approx(0.25, rel=1e-4)
     assert align.item() == pytest.approx(model.iicm_share.weight().item() * raw.item(), rel=1e-5)
     assert model.iicm_share.seen.tolist() == [1, 1]  # log_loss_terms' extra passes are not counted

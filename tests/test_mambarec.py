@@ -392,6 +392,31 @@ def test_switches(planted):
     assert "views.0.features" in trained.state_dict()
 
 
+def test_loss_terms_are_logged_with_their_gradient_at_the_modality_embeddings(planted, caplog):
+    """``log_loss_terms``: each term's value and |d term / d h^m| (both modalities together), by
+    hand from a second encoding of the same batch (no dropout: the same values)."""
+    model, train = _model(planted, modality_dropout=0.0, log_loss_terms=True)
+    model.train()
+    batch = next(iter(train))
+    losses = model.calculate_loss(batch)
+    report = model.term_log.report()
+    assert list(report) == list(model.loss_names) == ["bpr", "cl", "mmd", "reg"]
+    assert [v for v, _ in report.values()] == pytest.approx([t.item() for t in losses])
+    _, enc, items = model.loss_terms(batch)
+    sets = [F.normalize(h[items], dim=-1) for h in enc.embeddings]
+    mmd, cl = model.alignment_losses(sets)
+    for name, term in (("mmd", model.mmd_weight * mmd), ("cl", model.cl_weight * cl)):
+        grads = torch.autograd.grad(term, enc.embeddings, retain_graph=True)
+        expected = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+        assert expected > 0 and report[name][1] == pytest.approx(expected, rel=1e-4), name
+    assert report["bpr"][1] > 0 and report["reg"][1] == 0  # the ego L2 does not reach h^m
+    with caplog.at_level(logging.INFO):
+        model.eval()
+    assert "MambaRec loss terms (mean value, |grad at h^m|, share of bpr's): bpr " in caplog.text
+    assert model.term_log.report() == {}
+    assert _model(planted)[0].term_log is None  # off unless asked
+
+
 def test_cached_full_sort_equals_predict_and_is_cleared_on_train(planted):
     model, train = _model(planted)
     model.train()

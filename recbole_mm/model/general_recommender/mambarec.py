@@ -51,14 +51,14 @@ MMD and the InfoNCE with hand-written backward passes over row blocks of their `
 
 Hyperparameters (``properties/model/MambaRec.yaml``): MGCN's (embedding_size, knn_k, n_ui_layers,
 n_mm_layers, feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight, cl_temp,
-reg_weight, reg_embeddings) and reduction_ratio, reduced_dim, cl_views, mmd_weight, mmd_bandwidth,
+reg_weight, reg_embeddings, log_loss_terms) and reduction_ratio, reduced_dim, cl_views, mmd_weight, mmd_bandwidth,
 mmd_input, use_dream, use_mmd, use_cl, dream_map_shape, dream_dilations, dream_branch_channels,
 dream_att_reduction, dream_shared. The views come from the dataset (``modalities``).
 """
 
 
 import logging
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +122,11 @@ class MambaRec(AlignmentLossMixin, MGCN):
             return [F.normalize(h[items], dim=-1) for h in enc.embeddings]
         return [v[items] for v in enc.item_views]
 
-    def calculate_loss(self, interaction) -> Sequence[torch.Tensor]:
-        self.clear_cache()
-        (bpr, cl, reg), (enc, pos_items) = self._losses(interaction)
-        zero = bpr.new_zeros(())
-        mmd = zero
+    def loss_terms(self, interaction):
+        """MGCN's terms with eq. 10's InfoNCE (``cl_views: modalities``) and the MMD (eq. 7-9)."""
+        terms, enc, pos_items = super().loss_terms(interaction)
+        bpr, cl, reg = terms["bpr"], terms["cl"], terms["reg"]
+        mmd = bpr.new_zeros(())
         modality_cl = self.use_cl and self.cl_views == "modalities"
         # the unbiased MMD needs two items; a last batch of one item has no alignment term
         if (self.use_mmd or modality_cl) and len(self.views) > 1 and pos_items.numel() > 1:
@@ -134,4 +134,7 @@ class MambaRec(AlignmentLossMixin, MGCN):
                                                   with_cl=modality_cl, with_mmd=self.use_mmd)
             if modality_cl:
                 cl = self.cl_weight * align_cl
-        return (bpr, cl if self.use_cl else zero, self.mmd_weight * mmd if self.use_mmd else zero, reg)
+        zero = bpr.new_zeros(())
+        terms = {"bpr": bpr, "cl": cl if self.use_cl else zero,
+                 "mmd": self.mmd_weight * mmd if self.use_mmd else zero, "reg": reg}
+        return terms, enc, pos_items

@@ -39,10 +39,12 @@ user and item once and caches them (``restore_user_e`` / ``restore_item_e``, as 
 
 Hyperparameters (``properties/model/MGCN.yaml``): embedding_size, knn_k, n_ui_layers, n_mm_layers,
 feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight, cl_temp, reg_weight,
-reg_embeddings. MambaRec (:mod:`recbole_mm.model.general_recommender.mambarec`) is this model with
+reg_embeddings; ``log_loss_terms`` (unset = off) logs each term's value and gradient at ``h^m`` per
+epoch (:class:`~recbole_mm.model.loss.term_log.LossTermLog`). MambaRec (:mod:`recbole_mm.model.general_recommender.mambarec`) is this model with
 DREAM in place of the projection and MMD / InfoNCE alignment added to the loss.
 """
 
+import logging
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -60,6 +62,7 @@ from recbole_mm.model.layers.graph import (
 from recbole_mm.model.layers.item_features import dataset_features
 from recbole_mm.model.layers.multiview import ModalityView, ViewFuser
 from recbole_mm.model.loss.mixins import BPRLossMixin, EmbRegLossMixin, InfoNCELossMixin
+from recbole_mm.model.loss.term_log import LossTermLog
 
 REG_EMBEDDINGS = ("ego", "final")
 
@@ -121,6 +124,9 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         self.register_buffer("ui_mat", ui_mat, persistent=False)
         self.register_buffer("ui_mat_t", ui_mat.t().coalesce(), persistent=False)
         self.init_infonce_loss(config["cl_temp"])
+        # log_loss_terms (unset = off): each term's value and gradient at h^m, logged per epoch
+        self.term_log = LossTermLog("bpr", "h^m") if config["log_loss_terms"] else None
+        self.logger = logging.getLogger()
         self.apply(xavier_uniform_initialization)
 
     def modality_refiner(self, config, dims: Dict[str, int], emb: int) -> Tuple[int, Callable[[], nn.Module]]:
@@ -166,14 +172,16 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         enc = self.encode()
         return enc.users, enc.items, enc.item_views
 
-    def calculate_loss(self, interaction):
+    def calculate_loss(self, interaction) -> Tuple[torch.Tensor, ...]:
         self.clear_cache()
-        losses, _ = self._losses(interaction)
-        return losses
+        terms, enc, _ = self.loss_terms(interaction)
+        if self.term_log is not None and self.training:
+            self.term_log.record(terms, enc.embeddings)
+        return tuple(terms.values())
 
-    def _losses(self, interaction):
-        """``((bpr, cl_weight * InfoNCE, reg_weight * L2), (encoding, pos_items))``: the context a
-        subclass adds its own terms from, with the ids of the batch's distinct positive items."""
+    def loss_terms(self, interaction) -> Tuple[Dict[str, torch.Tensor], Encoding, torch.Tensor]:
+        """``({name: weighted term}, encoding, pos_items)`` in :attr:`loss_names`' order: the context
+        a subclass adds its own terms from, with the ids of the batch's distinct positive items."""
         user, pos, neg = interaction[self.USER_ID], interaction[self.ITEM_ID], interaction[self.NEG_ITEM_ID]
         batch_users, user_rows = torch.unique(user, return_inverse=True)
         batch_items, item_rows = torch.unique(torch.cat([pos, neg]), return_inverse=True)
@@ -189,7 +197,8 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         cl = bpr.new_zeros(())
         if self.uses_side_content_cl() and distinct_pos.numel() > 1:
             cl = self.side_content_infonce(enc, distinct_pos, torch.arange(batch_users.numel(), device=user.device))
-        return (bpr, self.cl_weight * cl, self.reg_weight * reg), (enc, batch_items[distinct_pos])
+        terms = {"bpr": bpr, "cl": self.cl_weight * cl, "reg": self.reg_weight * reg}
+        return terms, enc, batch_items[distinct_pos]
 
     def uses_side_content_cl(self) -> bool:
         """Whether the loss has MGCN's side-vs-content InfoNCE (always, in MGCN)."""
@@ -202,6 +211,13 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         if user_rows.numel() > 1:
             cl = cl + self.infonce_loss(enc.side_users[user_rows], enc.content_users[user_rows])
         return cl
+
+    def train(self, mode: bool = True):
+        """Switching to evaluation logs the loss terms of the training batches since the last
+        switch (``log_loss_terms``)."""
+        if not mode and self.term_log is not None and (line := self.term_log.summary(type(self).__name__)):
+            self.logger.info(line)
+        return super().train(mode)
 
     def final_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(users, items)`` final embeddings, cached for evaluation by :class:`CachedDotProductMixin`."""

@@ -22,6 +22,7 @@ from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy, excluded_items
 from recbole_mm.model.loss.gradient_share import GradientShare
 from recbole_mm.model.loss.stein import IICMLoss
+from recbole_mm.model.loss.term_log import LossTermLog
 
 
 #: what the ID stream reads (``id_input``): the item-ID embeddings, or sec. 2.1's concatenation
@@ -135,10 +136,10 @@ class FindRec(SequentialRecommender):
         entropy = config["iicm_entropy"] if config["use_entropy"] else None
         self.iicm_weight = config["iicm_weight"]
         self.length_groups = config["length_groups"]
-        self.log_loss_terms = config["log_loss_terms"]
+        # log_loss_terms: each term's value and gradient at z_m, logged per epoch
+        self.term_log = LossTermLog("ce", "z_m") if config["log_loss_terms"] else None
         # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits
         self.ce_item_chunk = config["ce_item_chunk"]
-        self._loss_term_sums = {}
         self.loss_names = ("ce",)
         self.moe_balance_weight = config["moe_balance_weight"] if use_moe else 0.0
 
@@ -278,8 +279,10 @@ class FindRec(SequentialRecommender):
                 terms[f"iicm_{part}"] = weight * value
         if self.moe_balance_weight > 0:
             terms["moe_balance"] = self.moe_balance_weight * sum(m.balance_loss() for m in self.moes) / len(self.moes)
-        if self.log_loss_terms and self.training:
-            self._record_loss_terms(terms, views)
+        if self.term_log is not None and self.training:
+            # the extra backward passes that measure are not iicm_share's measurements
+            with self.iicm_share.paused() if self.iicm_share is not None else nullcontext():
+                self.term_log.record(terms, views)
         self.loss_names = tuple(terms)
         losses = tuple(terms.values())
         return losses if len(losses) > 1 else losses[0]
@@ -287,22 +290,6 @@ class FindRec(SequentialRecommender):
     def _sharing(self) -> bool:
         """Whether this pass feeds ``iicm_share``'s gradient measurements (training passes only)."""
         return self.iicm_share is not None and self.training and torch.is_grad_enabled()
-
-    def _record_loss_terms(self, terms, views):
-        """Adds each term's value and the norm of its gradient at the modality streams' outputs
-        ``z_m`` (all views together) to the running sums logged by :meth:`train`."""
-        for name, value in terms.items():
-            with self.iicm_share.paused() if self.iicm_share is not None else nullcontext():
-                grads = torch.autograd.grad(value, views, retain_graph=True, allow_unused=True)
-            norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), value.new_zeros(())))
-            total = self._loss_term_sums.setdefault(name, [0.0, 0.0, 0])
-            total[0] += value.item()
-            total[1] += norm.item()
-            total[2] += 1
-
-    def loss_term_report(self):
-        """``{term: (mean value, mean gradient norm at z_m)}`` since the last reset (``log_loss_terms``)."""
-        return {name: (v / n, g / n) for name, (v, g, n) in self._loss_term_sums.items()}
 
     def item_table(self) -> torch.Tensor:
         """The candidates ``[n_items, embedding_size]``: ``E_item`` (eq. 4), plus the projected
@@ -331,12 +318,8 @@ class FindRec(SequentialRecommender):
     def train(self, mode: bool = True):
         """Switching to evaluation logs the expert load of the training batches since the last
         switch and, with ``log_loss_terms``, each loss term's mean value and gradient norm."""
-        if not mode and self._loss_term_sums:
-            ce_grad = self.loss_term_report().get("ce", (0.0, 0.0))[1]
-            self.logger.info("FindRec loss terms (mean value, |grad at z_m|, share of ce's): " + ", ".join(
-                f"{name} {value:.4g} |{grad:.3g}| {grad / ce_grad if ce_grad else float('nan'):.1%}"
-                for name, (value, grad) in self.loss_term_report().items()))
-            self._loss_term_sums.clear()
+        if not mode and self.term_log is not None and (line := self.term_log.summary("FindRec")):
+            self.logger.info(line)
         if not mode and self.training and self.iicm_share is not None and bool(self.iicm_share.seen.all()):
             self.logger.info(f"FindRec iicm_share {self.iicm_share.share}: IICM weight now {self.iicm_share.weight().item():.4g}")
         if not mode:
