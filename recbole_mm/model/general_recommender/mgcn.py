@@ -39,7 +39,7 @@ user and item once and caches them (``restore_user_e`` / ``restore_item_e``, as 
 
 Hyperparameters (``properties/model/MGCN.yaml``): embedding_size, knn_k, n_ui_layers, n_mm_layers,
 feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight, cl_temp, reg_weight,
-reg_embeddings; ``log_loss_terms`` (unset = off) logs each term's value and gradient at ``h^m`` per
+reg_embeddings; ``log_loss_terms`` (~ = off) logs each term's value and gradient at ``h^m`` per
 epoch (:class:`~recbole_mm.model.loss.term_log.LossTermLog`). MambaRec (:mod:`recbole_mm.model.general_recommender.mambarec`) is this model with
 DREAM in place of the projection and MMD / InfoNCE alignment added to the loss.
 """
@@ -124,7 +124,7 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         self.register_buffer("ui_mat", ui_mat, persistent=False)
         self.register_buffer("ui_mat_t", ui_mat.t().coalesce(), persistent=False)
         self.init_infonce_loss(config["cl_temp"])
-        # log_loss_terms (unset = off): each term's value and gradient at h^m, logged per epoch
+        # log_loss_terms (~ = off): each term's value and gradient at h^m, logged per epoch
         self.term_log = LossTermLog("bpr", "h^m") if config["log_loss_terms"] else None
         self.logger = logging.getLogger()
         self.apply(xavier_uniform_initialization)
