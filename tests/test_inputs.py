@@ -39,6 +39,8 @@ def test_model_and_dataset_yaml_keys_are_known():
     # RecBole's overall / sample / quick-start files, ours, the model's, the dataset's
     assert {"epochs", "MAX_ITEM_LIST_LENGTH", "align_dim", "modalities", "text_features", "nproc"} <= keys
     assert "align_dim" not in known_keys("BPR", "ml-100k")
+    # a key documented by each model that reads it (a null default included)
+    assert all("log_loss_terms" in known_keys(m, "ml-100k") for m in ("FindRec", "MGCN", "MambaRec"))
     with pytest.raises(ConfigError, match=r"unknown key --align_dim"):
         check_cli_overrides(["--align_dim=64"], "BPR", "ml-100k")
 
