@@ -415,6 +415,18 @@ def test_loss_terms_are_logged_with_their_gradient_at_the_modality_embeddings(pl
     assert "MambaRec loss terms (mean value, |grad at h^m|, share of bpr's): bpr " in caplog.text
     assert model.term_log.report() == {}
     assert _model(planted)[0].term_log is None  # off unless asked
+    with pytest.raises(ValueError, match="log_loss_terms must be"):
+        _model(planted, log_loss_terms=0)
+
+
+def test_loss_terms_logged_on_one_batch_in_n(planted):
+    model, train = _model(planted, modality_dropout=0.0, log_loss_terms=3)
+    model.train()
+    batches = list(train)[:4]
+    assert len(batches) == 4
+    values = [model.calculate_loss(b)[0].item() for b in batches]  # BPR per batch
+    # batches 1 and 4 measured, 2 and 3 not
+    assert model.term_log.report()["bpr"][0] == pytest.approx((values[0] + values[3]) / 2)
 
 
 def test_cached_full_sort_equals_predict_and_is_cleared_on_train(planted):

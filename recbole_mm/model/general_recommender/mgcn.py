@@ -125,7 +125,7 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         self.register_buffer("ui_mat_t", ui_mat.t().coalesce(), persistent=False)
         self.init_infonce_loss(config["cl_temp"])
         # log_loss_terms (~ = off): each term's value and gradient at h^m, logged per epoch
-        self.term_log = LossTermLog("bpr", "h^m") if config["log_loss_terms"] else None
+        self.term_log = LossTermLog.from_config(config["log_loss_terms"], "bpr", "h^m")
         self.logger = logging.getLogger()
         self.apply(xavier_uniform_initialization)
 

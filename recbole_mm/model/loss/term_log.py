@@ -5,27 +5,45 @@ shared representation is its gradient there. FindRec measures at the modality st
 ``z_m`` (beside the cross-entropy), MGCN and MambaRec at the modality embeddings ``h^m`` (beside the
 BPR loss), the tensors the terms of their losses meet (docs/design.md §findrec, §mambarec "Loss balance").
 """
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 
 class LossTermLog:
-    """Running sums of each term's value and gradient norm (all of ``at`` together) since the
-    last :meth:`summary`.
+    """Running sums of each term's value and gradient norm (all of ``at`` together) over every
+    ``every``-th training batch since the last :meth:`summary`.
 
     Args:
         reference: the term the others' gradient norms are reported as a share of.
         where: the name of the tensors measured at, for the log line.
+        every: measure one batch in ``every`` (each measured term costs one extra backward pass).
     """
 
-    def __init__(self, reference: str, where: str):
-        self.reference, self.where = reference, where
+    def __init__(self, reference: str, where: str, every: int = 1):
+        self.reference, self.where, self.every = reference, where, every
         self._sums: Dict[str, list] = {}
+        self._seen = 0
+
+    @classmethod
+    def from_config(cls, value, reference: str, where: str) -> Optional["LossTermLog"]:
+        """The log a model's ``log_loss_terms`` asks for: ``~`` / false = none, true = every batch,
+        ``N`` = one batch in ``N``."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls(reference, where)
+        if isinstance(value, int) and value >= 1:
+            return cls(reference, where, every=value)
+        raise ValueError(f"log_loss_terms must be true, false, ~ or a positive number of batches, got {value!r}")
 
     def record(self, terms: Mapping[str, torch.Tensor], at: Sequence[torch.Tensor]) -> None:
-        """Adds every term's value and ``|d term / d at|``; one extra backward pass per term, the
-        graph kept for the training step's own. A term that does not reach ``at`` has norm 0."""
+        """Adds every term's value and ``|d term / d at|`` when this batch is one of those measured;
+        one extra backward pass per term, the graph kept for the training step's own. A term that
+        does not reach ``at`` has norm 0."""
+        self._seen += 1
+        if (self._seen - 1) % self.every:
+            return
         for name, value in terms.items():
             norm = value.new_zeros(())
             if value.requires_grad:

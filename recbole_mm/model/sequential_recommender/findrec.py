@@ -137,7 +137,7 @@ class FindRec(SequentialRecommender):
         self.iicm_weight = config["iicm_weight"]
         self.length_groups = config["length_groups"]
         # log_loss_terms: each term's value and gradient at z_m, logged per epoch
-        self.term_log = LossTermLog("ce", "z_m") if config["log_loss_terms"] else None
+        self.term_log = LossTermLog.from_config(config["log_loss_terms"], "ce", "z_m")
         # ce_item_chunk (overall.yaml): the CE term over item slices, no [batch, n_items] logits
         self.ce_item_chunk = config["ce_item_chunk"]
         self.loss_names = ("ce",)
