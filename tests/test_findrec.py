@@ -346,6 +346,25 @@ def test_feature_logits_score_candidates_from_their_features(planted3):
     assert all(m.weight.grad.abs().sum() > 0 for m in model.item_tower.projection.maps)
 
 
+def test_residual_output_head_adds_the_id_state(planted3):
+    # output_head: residual is S = z_ID + FFN(Concat(z_ID, O_exp)); ffn (eq. 4) is the FFN alone
+    model, train = _model(planted3, output_head="residual", dropout_prob=0.0)
+    ffn_model, _ = _model(planted3, dropout_prob=0.0)
+    ffn_model.load_state_dict(model.state_dict())  # the same parameters: only the head's sum differs
+    model.eval(), ffn_model.eval()
+    batch = next(iter(train))[:8]
+    seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    z_id = model._streams(seq, lengths)[0]
+    torch.testing.assert_close(model(seq, lengths), z_id + ffn_model(seq, lengths))
+    model.train()
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="needs id_input: id"):
+        _model(planted3, output_head="residual", id_input="fused")
+    with pytest.raises(ValueError, match="output_head must be one of"):
+        _model(planted3, output_head="sum")
+
+
 def test_fused_id_input_reads_the_features_in_the_id_stream(planted3):
     # id_input: fused runs the ID stream over sec. 2.1's e_fused = Concat(e_id, W_m f_m): its width
     # is embedding_size + M align_dim and its last state moves with a history item's features,

@@ -28,6 +28,8 @@ from recbole_mm.model.loss.term_log import LossTermLog
 #: what the ID stream reads (``id_input``): the item-ID embeddings, or sec. 2.1's concatenation
 #: ``e_fused = Concat(e_id, W_m f_m ...)``
 ID_INPUTS = ("id", "fused")
+#: the sequence output (``output_head``): eq. 4's ``FFN(z_final)``, or ``z_ID + FFN(z_final)``
+OUTPUT_HEADS = ("ffn", "residual")
 
 
 class ModalityStream(nn.Module):
@@ -82,7 +84,9 @@ class FindRec(SequentialRecommender):
       masks (keys also masked where an item has no feature row), residual; last valid position.
     - Expert routing (eq. 3): per-head soft router over ``n_experts`` MLP experts, heads concatenated.
     - Output (eq. 3-4): ``S = FFN(Concat(z_ID, O_exp))`` -> ``embedding_size``; logits
-      ``S E_item^T``; cross-entropy over all items. With ``feature_logits`` (not in the paper) the
+      ``S E_item^T``; cross-entropy over all items. ``output_head: residual`` (not in the paper)
+      makes it ``S = z_ID + FFN(...)``: the residual path SASRec's and Mamba4Rec's outputs have, so
+      ``S`` starts as the ID stream's state instead of a fresh map of it (docs/design.md §findrec). With ``feature_logits`` (not in the paper) the
       candidates are ``E_item + sum_m V_m f_m`` (docs/design.md §findrec): the features reach the
       logits, and items without interactions (cold) are scored from their features.
     - IICM (eq. 1-2, sec. 2.2): ``1 - mean K(z_a, z_b)`` (RBF, adaptive median bandwidth) per pair,
@@ -110,7 +114,7 @@ class FindRec(SequentialRecommender):
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
     ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
     the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
-    ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
+    ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused), ``output_head`` (ffn|residual); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
     """
 
@@ -153,6 +157,12 @@ class FindRec(SequentialRecommender):
             raise ValueError(f"id_input must be one of {ID_INPUTS}, got {self.id_input!r}")
         # the ID stream's width: e_id, or sec. 2.1's e_fused = Concat(e_id, W_m f_m for every m)
         id_width = emb + (align * len(self.modalities) if self.id_input == "fused" else 0)
+        self.output_head = config["output_head"]
+        if self.output_head not in OUTPUT_HEADS:
+            raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
+        if self.output_head == "residual" and id_width != emb:
+            raise ValueError("output_head: residual adds z_ID to S, which needs id_input: id "
+                             f"(z_ID is {id_width} wide with id_input: {self.id_input}, S {emb})")
         self.group_overhead = group_overhead(max(id_width, align))
         self.item_embedding = nn.Embedding(self.n_items, emb, padding_idx=0)
         self.id_dropout = Dropout(dropout)
@@ -232,6 +242,8 @@ class FindRec(SequentialRecommender):
                 o = head[i] + head[j]
             fused.append(moe(o))
         seq_output = self.output_ffn(torch.cat([z_id] + fused, dim=-1))
+        if self.output_head == "residual":
+            seq_output = z_id + seq_output
         return seq_output, views, posteriors
 
     def _streams(self, item_seq, item_seq_len):
