@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 import sys
 import types
 
@@ -249,8 +250,9 @@ def resume_state(trainer) -> dict:
     """What RecBole's checkpoint lacks for a resumed run to equal an uninterrupted one: every
     random generator (Python, NumPy, torch, CUDA, the training loader's shuffling generator,
     which RecBole seeds once per loader), the scheduler's state when the trainer keeps one, the
-    best validation result (RecBole sets it only after saving), and a fingerprint of each
-    feature file."""
+    best validation result, the name of the best epoch's checkpoint file (a checkpoint saved
+    after a later epoch, :data:`recbole_mm.benchmark.worker.LAST_CHECKPOINT`, is not the one the
+    final test loads), and a fingerprint of each feature file."""
     import random
 
     import torch
@@ -264,7 +266,11 @@ def resume_state(trainer) -> dict:
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "train_generator": train_data.generator.get_state() if hasattr(train_data, "generator") else None,
         "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
-        "best_valid_result": getattr(trainer, "_recbole_mm_last_valid_result", None),
+        # RecBole sets best_valid_result only after saving a new best (cur_step 0 then); a save
+        # after any other epoch finds it already set
+        "best_valid_result": (getattr(trainer, "_recbole_mm_last_valid_result", None) if trainer.cur_step == 0
+                              else trainer.best_valid_result),
+        "best_model_file": os.path.basename(trainer.saved_model_file),
         "feature_fingerprints": feature_fingerprints(trainer.config),
     }
 

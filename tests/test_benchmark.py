@@ -2,6 +2,7 @@
 summary, plots, resume), the planner's guarantees, the statistics and the suite files."""
 
 import csv
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,22 +92,42 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     assert redone["config_hash"] == lost["config_hash"] and redone["test_ndcg@10"] == lost["test_ndcg@10"]
 
 
-def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path):
+def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path, monkeypatch):
     root, name = planted
-    settings = {**TINY, "data_path": root, "epochs": 3, "stopping_step": 10}
+    # a validation score that falls every epoch: the first epoch stays the best, so the best
+    # checkpoint is two validations older than the interruption
+    from recbole.trainer import Trainer
+
+    valid_epoch = Trainer._valid_epoch
+
+    def falling(self, *args, **kwargs):
+        score, result = valid_epoch(self, *args, **kwargs)
+        return score - max(self.train_loss_dict), result  # keyed by the epochs trained so far
+
+    monkeypatch.setattr(Trainer, "_valid_epoch", falling)
+    settings = {**TINY, "data_path": root, "epochs": 4, "stopping_step": 10}
     (run,) = plan_runs(Suite("s", name, [Entry("BPR", "BPR")], seeds=1, config=settings))
     whole = worker.run(run)["row"]
+    assert whole["best_epoch"] == 0
 
     folder = tmp_path / "checkpoints" / run.stem
-    with interrupted_at_epoch(1), pytest.raises(Interrupted):
+    with interrupted_at_epoch(3), pytest.raises(Interrupted):
         worker.run(run, folder)
-    assert worker.resume_from(folder) is not None  # the best checkpoint (epoch 0) stayed behind
+    assert worker.resume_from(folder) == str(folder / worker.LAST_CHECKPOINT)  # epoch 2's state
+    assert len(list(folder.glob("*.pth"))) == 2  # and RecBole's best checkpoint (epoch 0)
 
     resumed = worker.run(run, folder)["row"]
-    assert resumed["resumed_at_epoch"] == 1 and "resumed_at_epoch" not in whole
-    assert resumed["epochs_run"] == whole["epochs_run"] == 3 and resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed["resumed_at_epoch"] == 3 and "resumed_at_epoch" not in whole  # epochs 0-2 not repeated
+    assert resumed["epochs_run"] == whole["epochs_run"] == 4 and resumed["best_epoch"] == whole["best_epoch"]
     metrics = [k for k in whole if k.startswith(("valid_", "test_"))]
     assert {k: resumed[k] for k in metrics} == {k: whole[k] for k in metrics}  # to the last digit
+
+    # the latest state without the best epoch's checkpoint beside it cannot give the final test
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    os.replace(folder / worker.LAST_CHECKPOINT, alone / worker.LAST_CHECKPOINT)
+    with pytest.raises(RuntimeError, match="best epoch's checkpoint .* is not beside it"):
+        worker.run(run, alone)
 
     # a checkpoint the run cannot continue from names the folder to delete
     (folder / "broken.pth").write_bytes(b"not a checkpoint")

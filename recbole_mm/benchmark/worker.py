@@ -22,9 +22,10 @@ The result is a JSON object (one CSV row) and an ``.npz`` of per-user test metri
 Given a ``checkpoint_dir`` of its own (the harness gives each run ``<out>/checkpoints/<run>/`` and
 deletes it once the row is written), a run that finds a checkpoint there continues from it
 (:func:`recbole_mm.utils.resume_training`: the same model, optimizer, generators and
-early-stopping state) instead of starting again: RecBole saves at every new best validation, so
-an interrupted run repeats only the epochs since its best and ends exactly as it would have
-uninterrupted. Its row says so (``resumed_at_epoch``); ``epochs_run`` counts every epoch, while
+early-stopping state) instead of starting again. RecBole saves only at a new best validation; the
+worker also saves after every validation, to :data:`LAST_CHECKPOINT` in the same folder, so an
+interrupted run repeats at most the epochs since its last validation (not all since its best) and
+ends exactly as it would have uninterrupted. Its row says so (``resumed_at_epoch``); ``epochs_run`` counts every epoch, while
 ``train_s_per_epoch`` and ``run_s`` are this process's.
 
 Cold-start runs (``cold_item_ratio`` set, :mod:`recbole_mm.data.cold_start`) add the test metrics
@@ -172,19 +173,33 @@ def run(spec: Run, checkpoint_dir=None) -> dict:
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         config["checkpoint_dir"] = str(checkpoint_dir)
-        return _train_and_test(spec, config, resume_from(checkpoint_dir))
+        return _train_and_test(spec, config, resume_from(checkpoint_dir), keep_last=True)
     with tempfile.TemporaryDirectory(prefix="recbole-mm-bench-") as folder:
         config["checkpoint_dir"] = folder
         return _train_and_test(spec, config)
 
 
+#: the run's state after its latest validation, beside RecBole's best-epoch checkpoint
+LAST_CHECKPOINT = "last.pth"
+
+
 def resume_from(checkpoint_dir):
-    """The checkpoint an interrupted run left in its own folder, or ``None``."""
+    """The newest checkpoint an interrupted run left in its own folder (:data:`LAST_CHECKPOINT`
+    once a validation has followed the best one), or ``None``."""
     saved = sorted(Path(checkpoint_dir).glob("*.pth"), key=lambda path: path.stat().st_mtime)
     return str(saved[-1]) if saved else None
 
 
-def _train_and_test(spec: Run, config, resume=None) -> dict:
+def _save_last(trainer, epoch) -> None:
+    """The trainer's whole state after ``epoch``'s validation, to :data:`LAST_CHECKPOINT` through a
+    temporary file, so that a crash while saving leaves the previous one whole."""
+    last = Path(trainer.saved_model_file).with_name(LAST_CHECKPOINT)
+    partial = last.with_suffix(".partial")  # not *.pth: resume_from never picks it
+    trainer._save_checkpoint(epoch, verbose=False, saved_model_file=str(partial))
+    os.replace(partial, last)
+
+
+def _train_and_test(spec: Run, config, resume=None, keep_last=False) -> dict:
     started = time.perf_counter()
     init_logger(config)
     logger = getLogger()
@@ -201,8 +216,17 @@ def _train_and_test(spec: Run, config, resume=None) -> dict:
         logger.info(f"resumed from {resume} at epoch {trainer.start_epoch}")
 
     validated = []
+
+    def after_validation(epoch, score):  # RecBole calls it once early stopping has counted the epoch
+        validated.append(epoch)
+        # not after the run's final validation: resumed from there, fit would have no epoch left to
+        # report (best_epoch) or would train one past the stop; the resumed run repeats that epoch
+        final = trainer.cur_step > trainer.stopping_step or epoch + 1 >= trainer.epochs
+        if keep_last and not final:
+            _save_last(trainer, epoch)
+
     _, best_valid = trainer.fit(train_data, valid_data, show_progress=config["show_progress"],
-                                               callback_fn=lambda epoch, score: validated.append(epoch))
+                                callback_fn=after_validation)
     test_result = trainer.evaluate(test_data, load_best_model=True)
     # before the timed pass: the per-user metrics are those of the last evaluation, all test users
     warm_cold = _warm_cold_columns(trainer, test_data) if config["cold_item_ratio"] else {}

@@ -45,7 +45,9 @@ def warn_if_features_changed(checkpoint: dict, config, path) -> list:
 def resume_training(trainer, train_data, path) -> None:
     """RecBole's ``resume_checkpoint`` (model, optimizer, epoch, early-stopping state) plus the
     random generators, scheduler and best result that recbole-mm saves beside them, so that
-    ``trainer.fit`` continues as the interrupted run would have. Later saves go to ``path``."""
+    ``trainer.fit`` continues as the interrupted run would have. Later best-epoch saves, and the
+    final test's ``load_best_model``, go to the best epoch's file beside ``path`` (``path`` itself
+    when it is the best epoch's checkpoint, as RecBole's are)."""
     checkpoint = load_checkpoint(path)
     warn_if_features_changed(checkpoint, trainer.config, path)
     trainer.resume_checkpoint(path)
@@ -55,3 +57,9 @@ def resume_training(trainer, train_data, path) -> None:
                             "but will not repeat the uninterrupted one exactly")
         return
     compat.restore_resume_state(trainer, train_data, state)
+    if state.get("best_model_file"):  # absent from checkpoints saved before recbole-mm recorded it
+        best = Path(path).parent / state["best_model_file"]
+        if not best.is_file():
+            raise CheckpointError(f"{path} continues a run whose best epoch's checkpoint {best.name} is not "
+                                  "beside it: the final test loads that file")
+        trainer.saved_model_file = str(best)
