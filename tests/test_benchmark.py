@@ -90,6 +90,8 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     assert len(started) == 1 and "BPR seed=2021" in started[0]
     (redone,) = [r for r in _rows(out) if r["model"] == "BPR" and r["seed"] == "2021"]
     assert redone["config_hash"] == lost["config_hash"] and redone["test_ndcg@10"] == lost["test_ndcg@10"]
+    log = (out / "logs" / f"BPR-seed2021-{lost['config_hash']}.log").read_text()
+    assert log.count("best valid: ") == 2  # the second run's log follows the first's, nothing lost
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(planted, tmp_path, monkeypatch):

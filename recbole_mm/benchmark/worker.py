@@ -258,11 +258,12 @@ def _train_and_test(spec: Run, config, resume=None, keep_last=False) -> dict:
 
 def run_to_files(spec_file, result_file, per_user_file, log_file=None, checkpoint_dir=None):
     """Run the spec in ``spec_file``; write the CSV row (JSON) and the per-user metrics (.npz).
-    With ``log_file``, everything the process prints (RecBole's log, tracebacks) goes there."""
+    With ``log_file``, everything the process prints (RecBole's log, tracebacks) is appended there:
+    a resumed run's log continues the interrupted one's."""
     if log_file:
         sys.stdout.flush()
         sys.stderr.flush()
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)  # file descriptors, not sys.stdout: C extensions and child loggers too
         os.dup2(fd, 2)
         os.close(fd)
