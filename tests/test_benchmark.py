@@ -124,6 +124,10 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(plante
     metrics = [k for k in whole if k.startswith(("valid_", "test_"))]
     assert {k: resumed[k] for k in metrics} == {k: whole[k] for k in metrics}  # to the last digit
 
+    # the final epoch's state is not saved (resumed from it, fit would have no epoch left): a run cut
+    # off during its test repeats that epoch
+    assert torch.load(folder / worker.LAST_CHECKPOINT, weights_only=False)["epoch"] == 2
+
     # the latest state without the best epoch's checkpoint beside it cannot give the final test
     alone = tmp_path / "alone"
     alone.mkdir()
