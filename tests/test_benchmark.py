@@ -112,6 +112,12 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_row(plante
     whole = worker.run(run)["row"]
     assert whole["best_epoch"] == 0
 
+    # cut off after its best epoch: RecBole's checkpoint holds that state, no second copy is written
+    early = tmp_path / "early"
+    with interrupted_at_epoch(1), pytest.raises(Interrupted):
+        worker.run(run, early)
+    assert not (early / worker.LAST_CHECKPOINT).exists() and len(list(early.glob("*.pth"))) == 1
+
     folder = tmp_path / "checkpoints" / run.stem
     with interrupted_at_epoch(3), pytest.raises(Interrupted):
         worker.run(run, folder)

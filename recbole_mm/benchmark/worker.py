@@ -23,9 +23,9 @@ Given a ``checkpoint_dir`` of its own (the harness gives each run ``<out>/checkp
 deletes it once the row is written), a run that finds a checkpoint there continues from it
 (:func:`recbole_mm.utils.resume_training`: the same model, optimizer, generators and
 early-stopping state) instead of starting again. RecBole saves only at a new best validation; the
-worker also saves after every validation, to :data:`LAST_CHECKPOINT` in the same folder, so an
-interrupted run repeats at most the epochs since its last validation (not all since its best) and
-ends exactly as it would have uninterrupted. Its row says so (``resumed_at_epoch``); ``epochs_run`` counts every epoch, while
+worker also saves after every other validation, to :data:`LAST_CHECKPOINT` in the same folder, so
+an interrupted run repeats at most the epochs since its last validation (not all since its best)
+and ends exactly as it would have uninterrupted. Its row says so (``resumed_at_epoch``); ``epochs_run`` counts every epoch, while
 ``train_s_per_epoch`` and ``run_s`` are this process's.
 
 Cold-start runs (``cold_item_ratio`` set, :mod:`recbole_mm.data.cold_start`) add the test metrics
@@ -219,10 +219,12 @@ def _train_and_test(spec: Run, config, resume=None, keep_last=False) -> dict:
 
     def after_validation(epoch, score):  # RecBole calls it once early stopping has counted the epoch
         validated.append(epoch)
-        # not after the run's final validation: resumed from there, fit would have no epoch left to
-        # report (best_epoch) or would train one past the stop; the resumed run repeats that epoch
+        # not after a new best (cur_step 0): RecBole's own checkpoint, just written, holds that state
+        # and is the newer file; nor after the run's final validation: resumed from there, fit would
+        # have no epoch left to report (best_epoch) or would train one past the stop, so the resumed
+        # run repeats that epoch
         final = trainer.cur_step > trainer.stopping_step or epoch + 1 >= trainer.epochs
-        if keep_last and not final:
+        if keep_last and trainer.cur_step > 0 and not final:
             _save_last(trainer, epoch)
 
     _, best_valid = trainer.fit(train_data, valid_data, show_progress=config["show_progress"],
