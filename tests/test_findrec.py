@@ -390,6 +390,33 @@ def test_fused_id_input_reads_the_features_in_the_id_stream(planted3):
         _model(planted3, id_input="both")
 
 
+def test_summed_id_input_reads_the_candidates_vectors(planted3):
+    # id_input: summed runs the ID stream over e_id + sum_m V_m f_m, the vectors the logits score
+    # (feature_logits), as Mamba4Rec (MM)'s one stream: moving an item's feature moves both its
+    # input to the ID stream and its candidate vector by the same amount
+    model, train = _model(planted3, id_input="summed", feature_logits=True, output_head="residual", dropout_prob=0.0)
+    assert model.id_encoder.norm.normalized_shape == (16,)
+    model.eval()
+    batch = next(iter(train))[:8]
+    seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    inputs = []
+    model.id_encoder.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    z_id = model._streams(seq, lengths)[0]
+    torch.testing.assert_close(inputs[-1], model.item_tower(seq))
+    item = seq[0, 0]
+    before = model.item_table()[item].clone()
+    model.item_tower.projection.maps[0].weight.data += 0.5
+    moved = model._streams(seq, lengths)[0]
+    assert not torch.allclose(moved[0], z_id[0])
+    torch.testing.assert_close(inputs[-1], model.item_tower(seq))
+    assert not torch.allclose(model.item_table()[item], before)
+    model.train()
+    sum(model.calculate_loss(next(iter(train)))).backward()
+    assert model.item_tower.projection.maps[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="feature_logits: true"):
+        _model(planted3, id_input="summed")
+
+
 def test_switches_and_modality_counts(planted3, caplog):
     model, train = _model(planted3, use_cross_attn=False, use_moe=False, use_iicm=False)
     assert model.cross_attn is None and isinstance(model.moes[0].linear, torch.nn.Linear) and model.iicm is None

@@ -25,9 +25,9 @@ from recbole_mm.model.loss.stein import IICMLoss
 from recbole_mm.model.loss.term_log import LossTermLog
 
 
-#: what the ID stream reads (``id_input``): the item-ID embeddings, or sec. 2.1's concatenation
-#: ``e_fused = Concat(e_id, W_m f_m ...)``
-ID_INPUTS = ("id", "fused")
+#: what the ID stream reads (``id_input``): the item-ID embeddings, sec. 2.1's concatenation
+#: ``e_fused = Concat(e_id, W_m f_m ...)``, or the candidates' own vectors ``e_id + sum_m V_m f_m``
+ID_INPUTS = ("id", "fused", "summed")
 #: the sequence output (``output_head``): eq. 4's ``FFN(z_final)``, or ``z_ID + FFN(z_final)``
 OUTPUT_HEADS = ("ffn", "residual")
 
@@ -78,7 +78,9 @@ class FindRec(SequentialRecommender):
       ``x + alpha Dropout(Mamba(LN(x)))`` + FFN; the last valid position gives ``z_ID``, ``z_m``.
       With ``id_input: fused`` the ID stream reads sec. 2.1's ``e_fused = Concat(e_id, W_m f_m
       ...)`` (``embedding_size + M align_dim`` wide, the same projections as the modality streams)
-      instead of ``e_id`` alone (docs/design.md §findrec).
+      instead of ``e_id`` alone; with ``id_input: summed`` (not in the paper; needs ``feature_logits``)
+      it reads the vectors it scores, ``e_id + sum_m V_m f_m``, as Mamba4Rec (MM)'s one stream does
+      (docs/design.md §findrec).
     - Cross-modal attention (eq. 2; docs/design.md §findrec): per head, queries from the first modality of a pair
       (the paper's image), keys/values from the second, over positions with causal and padding
       masks (keys also masked where an item has no feature row), residual; last valid position.
@@ -114,7 +116,7 @@ class FindRec(SequentialRecommender):
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
     ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
     the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
-    ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused), ``output_head`` (ffn|residual); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
+    ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused|summed), ``output_head`` (ffn|residual); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
     """
 
@@ -155,6 +157,9 @@ class FindRec(SequentialRecommender):
         self.id_input = config["id_input"]
         if self.id_input not in ID_INPUTS:
             raise ValueError(f"id_input must be one of {ID_INPUTS}, got {self.id_input!r}")
+        if self.id_input == "summed" and not config["feature_logits"]:
+            raise ValueError("id_input: summed reads the candidates' vectors e_id + sum_m V_m f_m, which exist "
+                             "with feature_logits: true only")
         # the ID stream's width: e_id, or sec. 2.1's e_fused = Concat(e_id, W_m f_m for every m)
         id_width = emb + (align * len(self.modalities) if self.id_input == "fused" else 0)
         self.output_head = config["output_head"]
@@ -250,7 +255,8 @@ class FindRec(SequentialRecommender):
         """The ID and modality streams over one group: ``(z_id, views, posteriors)`` at the last
         valid position, then each modality's full states and the cross-attention's key masks."""
         last = item_seq_len - 1
-        ids = self.item_embedding(item_seq)
+        # summed: the same vectors as the candidates (feature_logits)
+        ids = (self.item_tower if self.id_input == "summed" else self.item_embedding)(item_seq)
         projected = [None] * len(self.streams)
         if self.id_input == "fused":  # sec. 2.1: the ID stream reads e_fused; W_m f_m computed once
             projected = [stream.project(item_seq) for stream in self.streams]
