@@ -98,6 +98,34 @@ def test_item_feature_embedding_is_id_plus_projected_features_and_acts_as_the_ta
     assert [m.in_features for m in ItemFeatureProjection(feats, 7).maps] == [3, 2]
 
 
+def test_item_id_dropout_scores_some_items_by_their_features_alone_in_training_only():
+    # item_id_dropout: in training each vector is E_id + W f or, with probability p, W f alone
+    # (never rescaled); evaluation always uses both parts
+    g = torch.Generator().manual_seed(1)
+    n, d = 4000, 6
+    feats = {"text": torch.randn(n, 3, generator=g)}
+    table = ItemFeatureEmbedding(torch.nn.Embedding(n, d), feats, id_dropout=0.3)
+    full = table.id_embedding.weight + feats["text"] @ table.projection.maps[0].weight.T
+    features_only = full - table.id_embedding.weight
+    table.eval()
+    torch.testing.assert_close(table.weight, full)
+    seq = torch.randint(0, n, (50, 40), generator=g)
+    torch.testing.assert_close(table(seq), full[seq])
+    table.train()
+    torch.manual_seed(0)
+    for rows, whole, alone in ((table.weight, full, features_only), (table(seq), full[seq], features_only[seq])):
+        rows, whole, alone = rows.reshape(-1, d), whole.reshape(-1, d), alone.reshape(-1, d)
+        dropped = torch.isclose(rows, alone, atol=1e-5).all(1)
+        assert (dropped | torch.isclose(rows, whole, atol=1e-5).all(1)).all()  # each row is one of the two
+        assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    rows = table.weight
+    rows.sum().backward()  # a dropped row sends no gradient to its ID embedding
+    grad = table.id_embedding.weight.grad
+    assert ((grad == 0).all(1) == torch.isclose(rows, features_only, atol=1e-5).all(1)).all()
+    with pytest.raises(ValueError, match="item_id_dropout must be in"):
+        ItemFeatureEmbedding(torch.nn.Embedding(n, d), feats, id_dropout=1.0)
+
+
 def test_mamba4rec_layer_is_post_norm_and_drops_the_residual_for_a_single_layer():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)

@@ -8,7 +8,8 @@
   of the per-modality maps) and FREEDOM (the modality BPR terms).
 * :class:`ItemFeatureEmbedding` — ``e_i = E_id[i] + sum_m W_m f_m[i]``, a drop-in replacement for
   an ``nn.Embedding`` item table: calling it embeds ids, ``.weight`` is the full table, so a model
-  that scores against ``item_embedding.weight`` scores against the feature-aware items too.
+  that scores against ``item_embedding.weight`` scores against the feature-aware items too. With
+  ``id_dropout`` it trains the features to stand in for the ID part, which a cold item lacks.
 * :class:`ItemFeaturesMixin` — turns any sequential model that looks its items up through
   ``self.item_embedding`` into its "simple multimodal" variant (FindRec, KDD'25, Table 2:
   "SASRec (MM)", "Mamba4Rec (MM)"): ``class SASRecMM(ItemFeaturesMixin, SASRec)``.
@@ -62,19 +63,34 @@ class ItemFeatureProjection(nn.Module):
 
 class ItemFeatureEmbedding(nn.Module):
     """``E_id[i] + sum_m W_m f_m[i]``; behaves like the ``nn.Embedding`` it wraps (``forward(ids)``,
-    ``.weight``), so the same vectors are the encoder's inputs and the candidates it scores."""
+    ``.weight``), so the same vectors are the encoder's inputs and the candidates it scores.
 
-    def __init__(self, id_embedding: nn.Embedding, features: Dict[str, torch.Tensor]):
+    ``id_dropout`` (training only): each looked-up vector, and each row of ``.weight``, loses its ID
+    part (is ``sum_m W_m f_m[i]`` alone) with that probability, independently. A cold item (no
+    training interaction) has only an untrained ID row, so it is scored by its features; dropping
+    warm items' ID parts in training teaches the features to score an item on their own (the
+    input dropout of DropoutNet, Volkovs et al., NeurIPS'17). Evaluation always uses both parts."""
+
+    def __init__(self, id_embedding: nn.Embedding, features: Dict[str, torch.Tensor], id_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"item_id_dropout must be in [0, 1), got {id_dropout}")
         self.id_embedding = id_embedding
         self.projection = ItemFeatureProjection(features, id_embedding.embedding_dim)
+        self.id_dropout = id_dropout
+
+    def _id_part(self, rows: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.id_dropout):
+            return rows
+        keep = torch.rand(rows.shape[:-1], device=rows.device) >= self.id_dropout
+        return rows * keep.unsqueeze(-1).to(rows.dtype)  # a replacement, not rescaled: no 1/(1-p)
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
-        return self.id_embedding(item_ids) + sum(self.projection(item_ids))
+        return self._id_part(self.id_embedding(item_ids)) + sum(self.projection(item_ids))
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.id_embedding.weight + sum(self.projection.all_items())
+        return self._id_part(self.id_embedding.weight) + sum(self.projection.all_items())
 
 
 class ItemFeaturesMixin:
@@ -86,5 +102,5 @@ class ItemFeaturesMixin:
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         features = dataset_features(dataset, type(self).__name__, config["feature_norm"])
-        self.item_embedding = ItemFeatureEmbedding(self.item_embedding, features)
+        self.item_embedding = ItemFeatureEmbedding(self.item_embedding, features, config["item_id_dropout"])
         self.item_embedding.projection.apply(self._init_weights)

@@ -196,8 +196,8 @@ class FindRec(SequentialRecommender):
         self.loss_fct = nn.CrossEntropyLoss()
         # the candidates E_item + sum_m V_m f_m over the same ID table (the ID stream's inputs stay
         # ID-only); bias-free maps, so the padding item and missing views add 0
-        self.item_tower = ItemFeatureEmbedding(self.item_embedding, dataset_features(dataset, "FindRec")) \
-            if config["feature_logits"] else None
+        self.item_tower = ItemFeatureEmbedding(self.item_embedding, dataset_features(dataset, "FindRec"),
+                                               config["item_id_dropout"]) if config["feature_logits"] else None
 
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
