@@ -392,8 +392,8 @@ def test_fused_id_input_reads_the_features_in_the_id_stream(planted3):
 
 def test_summed_id_input_reads_the_candidates_vectors(planted3):
     # id_input: summed runs the ID stream over e_id + sum_m V_m f_m, the vectors the logits score
-    # (feature_logits), as Mamba4Rec (MM)'s one stream: moving an item's feature moves both its
-    # input to the ID stream and its candidate vector by the same amount
+    # (feature_logits), as Mamba4Rec (MM)'s one stream: the stream's input is exactly the item
+    # tower's output, and changing the feature maps moves both that input and the candidates
     model, train = _model(planted3, id_input="summed", feature_logits=True, output_head="residual", dropout_prob=0.0)
     assert model.id_encoder.norm.normalized_shape == (16,)
     model.eval()

@@ -160,7 +160,7 @@ class FindRec(SequentialRecommender):
         if self.id_input == "summed" and not config["feature_logits"]:
             raise ValueError("id_input: summed reads the candidates' vectors e_id + sum_m V_m f_m, which exist "
                              "with feature_logits: true only")
-        # the ID stream's width: e_id, or sec. 2.1's e_fused = Concat(e_id, W_m f_m for every m)
+        # the ID stream's width: e_id's (also summed's), or sec. 2.1's e_fused = Concat(e_id, W_m f_m for every m)
         id_width = emb + (align * len(self.modalities) if self.id_input == "fused" else 0)
         self.output_head = config["output_head"]
         if self.output_head not in OUTPUT_HEADS:
@@ -194,8 +194,9 @@ class FindRec(SequentialRecommender):
         self.output_ffn = nn.Sequential(nn.Linear(fused, 4 * emb), nn.GELU(), Dropout(dropout),
                                         nn.Linear(4 * emb, emb))
         self.loss_fct = nn.CrossEntropyLoss()
-        # the candidates E_item + sum_m V_m f_m over the same ID table (the ID stream's inputs stay
-        # ID-only); bias-free maps, so the padding item and missing views add 0
+        # the candidates E_item + sum_m V_m f_m over the same ID table (the ID stream reads them too
+        # with id_input: summed, else its own input); bias-free maps, so the padding item and missing
+        # views add 0
         self.item_tower = ItemFeatureEmbedding(self.item_embedding, dataset_features(dataset, "FindRec"),
                                                config["item_id_dropout"]) if config["feature_logits"] else None
 
