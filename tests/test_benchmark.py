@@ -286,6 +286,26 @@ def test_suite_files_state_runs_and_paper_numbers_consistently():
             assert numbers and set(numbers) <= protocol and all(0 < v < 1 for v in numbers.values()), (file, label)
 
 
+def test_a_preset_is_read_into_the_entry_beneath_its_own_keys_and_keeps_the_hash(planted, tmp_path):
+    root, name = planted
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.yaml").write_text("embedding_size: 8\nlearning_rate: 0.01\n")
+    (tmp_path / "presets" / "list.yaml").write_text("- embedding_size\n")
+    head = f"dataset: {name}\nseeds: 1\nconfig: {{data_path: {root}, modalities: [image, text]}}\npaper: {{source: no, metrics: {{}}}}\n"
+    (tmp_path / "s.yaml").write_text(head + "runs:\n"
+                                     "  - {label: A, model: BPR, preset: presets/small.yaml, config: {learning_rate: 0.02}}\n"
+                                     "  - {label: B, model: BPR, config: {embedding_size: 8, learning_rate: 0.03}}\n")
+    suite = load_suite(tmp_path / "s.yaml")
+    assert suite.entries[0].config == {"embedding_size": 8, "learning_rate": 0.02}  # the entry's own key wins
+    inline = plan_runs(Suite("s", name, [Entry("A", "BPR", {"embedding_size": 8, "learning_rate": 0.02})], seeds=1,
+                             config=suite.config))
+    assert plan_runs(suite)[0].config_hash == inline[0].config_hash  # the effective settings are hashed
+    for preset, error in (("presets/missing.yaml", "not found"), ("presets/list.yaml", "is not a YAML mapping")):
+        (tmp_path / "bad.yaml").write_text(head + f"runs:\n  - {{model: BPR, preset: {preset}}}\n")
+        with pytest.raises(ValueError, match=error):
+            load_suite(tmp_path / "bad.yaml")
+
+
 def test_run_recbole_mm_routes_the_benchmark_subcommand(capsys):
     import run_recbole_mm
 

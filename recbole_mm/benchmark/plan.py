@@ -13,9 +13,15 @@ A suite is a YAML file (``benchmarks/suites/*.yaml``)::
     runs:
       - SASRec                         # a bare model name is its own label
       - {label: "FindRec w/o IICM", model: FindRec, config: {use_iicm: false}}
+      - {label: "FindRec (2 layers)", model: FindRec, preset: presets/findrec-over-mm.yaml, config: {n_layers: 2}}
     paper: {source: "...", metrics: {label: {ndcg@10: 0.1027}}}   # optional, shown beside ours
     notes: "..."                       # optional, copied into the summary
     pairs: [["FindRec w/o IICM", "SASRec"]]   # optional, tested one against the other as well
+
+An entry's ``preset`` is a YAML file of overrides (its path relative to the suite's folder), read
+into the entry's ``config`` beneath the entry's own keys: one configuration shared by entries of
+several suites, where a YAML anchor reaches only within its file. It changes no config hash: the
+hash is that of the effective settings.
 
 ``--models A B`` on the command line is the suite ``runs: [A, B]`` with no paper numbers.
 
@@ -106,13 +112,22 @@ _SUITE_KEYS = {"name", "title", "dataset", "seeds", "reference", "config", "conf
                "pairs"}
 
 
-def _entry(item) -> Entry:
+def _entry(item, folder: Path) -> Entry:
     if isinstance(item, str):
         return Entry(item, item)
-    unknown = set(item) - {"label", "model", "config"}
+    unknown = set(item) - {"label", "model", "config", "preset"}
     if "model" not in item or unknown:
-        raise ValueError(f"a suite run needs `model` (optional `label`, `config`), got {item}")
-    return Entry(item.get("label", item["model"]), item["model"], dict(item.get("config") or {}))
+        raise ValueError(f"a suite run needs `model` (optional `label`, `config`, `preset`), got {item}")
+    config = dict(item.get("config") or {})
+    if item.get("preset"):
+        preset, label = folder / item["preset"], item.get("label", item["model"])
+        if not preset.is_file():
+            raise ValueError(f"preset {preset} of run {label!r} not found (a path relative to the suite's folder)")
+        settings = yaml.safe_load(preset.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError(f"preset {preset} of run {label!r} is not a YAML mapping of config keys")
+        config = {**settings, **config}
+    return Entry(item.get("label", item["model"]), item["model"], config)
 
 
 def load_suite(path) -> Suite:
@@ -122,7 +137,7 @@ def load_suite(path) -> Suite:
     unknown = set(raw) - _SUITE_KEYS
     if unknown or "runs" not in raw:
         raise ValueError(f"{path}: a suite needs `runs`; unknown keys {sorted(unknown)} (allowed: {sorted(_SUITE_KEYS)})")
-    return Suite(name=raw.get("name", path.stem), dataset=raw.get("dataset"), entries=[_entry(r) for r in raw["runs"]],
+    return Suite(name=raw.get("name", path.stem), dataset=raw.get("dataset"), entries=[_entry(r, path.parent) for r in raw["runs"]],
                  title=raw.get("title", ""),
                  seeds=raw.get("seeds", 3), reference=raw.get("reference"), config=dict(raw.get("config") or {}),
                  config_files=[str((path.parent / f).resolve()) for f in raw.get("config_files") or []],
