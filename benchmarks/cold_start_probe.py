@@ -9,22 +9,31 @@ epoch), then, on the test set:
   cold items (1,024 users drawn under seed 0): whether the content part of a score separates cold items at all;
 * Recall@20 when each cold item's final embedding is replaced by the mean of its ``k`` nearest
   warm items' (cosine of the item features, every modality L2-normalised and concatenated): the
-  plainest way to score a new item from its content alone.
+  plainest way to score a new item from its content alone;
+* for a model with an ``item_embedding`` table, Recall@20 with the cold items' rows of that table
+  set to zero before the final embeddings are computed: what the ID rows of items in no training
+  pair carry (nothing in an ID-only model; in MGCN and MambaRec they train as neighbours in the
+  warm items' kNN-graph views).
 
 For the models whose score is ``users @ items.T`` over ``final_embeddings()`` (MambaRec, MGCN,
 FREEDOM, VBPR).
 
     RECBOLE_MM_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/cold_start_probe.py \\
-        --suite benchmarks/suites/cold-start-tiktok.yaml --model MGCN --out DIR [--seed 2020] [--k 1 5 10]
+        --suite benchmarks/suites/cold-start-tiktok.yaml --model MGCN --out DIR [--seed 2020] [--k 1 5 10] \\
+        [--checkpoint saved/MGCN-....pth]
 
-Writes ``<out>/<suite>-<model>-seed<seed>-probe.csv`` and ``.md``.
+``--checkpoint`` skips the training and probes that checkpoint's weights instead: one a probe kept, or
+a benchmark run's best checkpoint copied from ``<out>/checkpoints/`` before the harness deletes it
+(the model must have been trained on the suite's split and cold items: the same suite and seed).
+
+Writes ``<out>/<suite>-<model>-seed<seed>-probe.csv`` and ``.md``, and keeps the trained model's
+checkpoint in ``<out>/checkpoints/``.
 """
 
 import argparse
 import csv
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--checkpoint", help="probe this checkpoint's weights instead of training")
     args = parser.parse_args(argv)
     probe(args)
     return 0
@@ -104,13 +114,16 @@ def probe(args):
     if planned is None:
         raise SystemExit(f"{args.model} is not an entry of {args.suite}: {[e.label for e in suite.entries]}")
     run = dataclasses.replace(planned, seed=args.seed, config={
-        **planned.config, "checkpoint_dir": tempfile.mkdtemp(prefix="cold-probe-"), "show_progress": False})
+        **planned.config, "checkpoint_dir": str(Path(args.out, "checkpoints")), "show_progress": False})
     config = build_config(run)
     dataset, train, valid, test, model = build_data_and_model(config, split_seed=run.split_seed)
     if not hasattr(model, "final_embeddings"):
         raise SystemExit(f"{run.model} has no final_embeddings(): this probe needs a users @ items.T score")
     trainer = get_trainer(config["MODEL_TYPE"], run.model)(config, model)
-    trainer.fit(train, valid, saved=True, show_progress=False)
+    if args.checkpoint:
+        trainer.saved_model_file = args.checkpoint
+    else:
+        trainer.fit(train, valid, saved=True, show_progress=False)
     report = evaluate_warm_cold(trainer, test, load_best_model=True)  # loads the best epoch's weights
     model.eval()
     with torch.no_grad():
@@ -151,6 +164,14 @@ def probe(args):
         imputed = items_emb.clone()
         imputed[cold] = items_emb[nearest_warm(dataset, cold, warm, k)].mean(1)
         measure(f"cold items = mean of their {k} nearest warm items", imputed)
+    if hasattr(model, "item_embedding"):
+        table = model.item_embedding.weight
+        kept = table.detach().clone()
+        with torch.no_grad():
+            table[cold] = 0.0
+            _, zeroed = model.final_embeddings()
+            table.copy_(kept)
+        measure("cold items' ID embedding rows set to 0", zeroed)
     sample = torch.randperm(dataset.user_num - 1, generator=torch.Generator().manual_seed(0))[:USER_BLOCK] + 1
     scores = users_emb[sample] @ items_emb.T
     score_std = {"warm": scores[:, warm].std().item(), "cold": scores[:, cold].std().item()}

@@ -175,10 +175,19 @@ def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_p
     suite.write_text(yaml.safe_dump({"name": "probe", "dataset": name, "runs": ["VBPR"], "config": {
         **TINY, "data_path": root, "modalities": ["image", "text"], "metrics": ["Recall"], "topk": [20],
         "valid_metric": "recall@20", "epochs": 2, "cold_item_ratio": 0.2, "cold_seed": 0, **GENERAL}}))
-    report, rows = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path), seed=2020, k=[1, 3]))
+    report, rows = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path), seed=2020, k=[1, 3],
+                                            checkpoint=None))
     assert [r["variant"] for r in rows] == ["as trained", "cold items = mean of their 1 nearest warm items",
-                                            "cold items = mean of their 3 nearest warm items"]
+                                            "cold items = mean of their 3 nearest warm items",
+                                            "cold items' ID embedding rows set to 0"]
     for group in ("warm", "cold"):
         assert round(rows[0][f"{group}_recall@20"], 4) == report[group]["recall@20"]
     assert rows[1]["cold_recall@20"] != rows[0]["cold_recall@20"]  # the imputation reached the ranking
+    # VBPR's item = gamma_i + E f_i: zero gamma rows change cold items' scores only
+    assert rows[3]["warm_recall@20"] == rows[0]["warm_recall@20"] and rows[3]["cold_recall@20"] != rows[0]["cold_recall@20"]
     assert (tmp_path / "probe-VBPR-seed2020-probe.md").is_file()
+    # the same weights from the run's checkpoint: the same numbers without training again
+    (saved,) = (tmp_path / "checkpoints").glob("VBPR-*.pth")
+    again = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path / "again"), seed=2020, k=[1, 3],
+                                     checkpoint=str(saved)))[1]
+    assert again == rows
