@@ -9,7 +9,8 @@ epoch), then, on the test set:
   cold items (1,024 users drawn under seed 0): whether the content part of a score separates cold items at all;
 * Recall@20 when each cold item's final embedding is replaced by the mean of its ``k`` nearest
   warm items' (cosine of the item features, every modality L2-normalised and concatenated): the
-  plainest way to score a new item from its content alone;
+  plainest way to score a new item from its content alone, which ``cold_item_neighbours: k`` makes
+  the models' own evaluation (:mod:`recbole_mm.model.layers.cold_items`);
 * for a model with an ``item_embedding`` table, Recall@20 with the cold items' rows of that table
   set to zero before the final embeddings are computed: what the ID rows of items in no training
   pair carry (nothing in an ID-only model; in MGCN and MambaRec they train as neighbours in the
@@ -39,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
@@ -79,15 +79,6 @@ def recall(ranks, users) -> float:
     return per_user[torch.unique(users)].mean().item()
 
 
-def nearest_warm(dataset, cold, warm, k) -> torch.Tensor:
-    """``[len(cold), k]`` ids of each cold item's ``k`` most feature-similar warm items."""
-    feats = torch.cat([F.normalize(dataset.item_features[m].float(), dim=1) for m in sorted(dataset.item_features)], 1)
-    feats = F.normalize(feats, dim=1)
-    sim = feats[cold] @ feats.T
-    sim[:, ~warm] = -torch.inf
-    return sim.topk(k, dim=1).indices
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", required=True)
@@ -105,6 +96,7 @@ def probe(args):
     """Train, measure, write the files; returns ``(RecBole's warm/cold report, rows of the table)``."""
     from recbole_mm.benchmark.plan import build_config, load_suite, plan_runs
     from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
+    from recbole_mm.model.layers.cold_items import nearest_warm_items
     from recbole_mm.registry import get_trainer
     from recbole_mm.utils import build_data_and_model
 
@@ -162,7 +154,7 @@ def probe(args):
     measure("as trained", items_emb)
     for k in args.k:
         imputed = items_emb.clone()
-        imputed[cold] = items_emb[nearest_warm(dataset, cold, warm, k)].mean(1)
+        imputed[cold] = items_emb[nearest_warm_items(dataset, cold, warm, k)].mean(1)
         measure(f"cold items = mean of their {k} nearest warm items", imputed)
     if hasattr(model, "item_embedding"):
         table = model.item_embedding.weight

@@ -191,3 +191,51 @@ def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_p
     again = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path / "again"), seed=2020, k=[1, 3],
                                      checkpoint=str(saved)))[1]
     assert again == rows
+
+
+@pytest.mark.parametrize("model", ["MGCN", "VBPR", "FREEDOM"])
+def test_cold_item_neighbours_give_a_cold_item_its_feature_neighbours_embedding(planted, model):
+    # cold_item_neighbours: k: in evaluation an item without training interactions gets the mean
+    # final embedding of its k most feature-similar warm items (cosine of the L2-normalised,
+    # concatenated features); warm items and training are unchanged
+    config, (dataset, train, _, _, net) = _build(model, planted, cold_item_ratio=0.2, cold_seed=0,
+                                                 cold_item_neighbours=3, **GENERAL)
+    train_items = train.dataset.inter_feat[net.ITEM_ID]
+    untrained = torch.bincount(train_items, minlength=net.n_items) == 0
+    untrained[0] = False
+    assert torch.equal(net.cold_items, untrained.nonzero().squeeze(1))
+    assert len(net.cold_items) == round(0.2 * (net.n_items - 1))
+    # the neighbours by brute force, in float64
+    feats = torch.cat([torch.nn.functional.normalize(dataset.item_features[m].double(), dim=1)
+                       for m in sorted(dataset.item_features)], 1)
+    feats = torch.nn.functional.normalize(feats, dim=1)
+    sim = feats[net.cold_items] @ feats.T
+    sim[:, untrained] = -1e9
+    sim[:, 0] = -1e9
+    assert torch.equal(torch.sort(net.cold_neighbours, 1).values, torch.sort(sim.topk(3, dim=1).indices, 1).values)
+    assert "cold_neighbours" not in net.state_dict()  # rebuilt from the data, never checkpointed
+    net.eval()
+    users = torch.arange(1, 6)
+    scores = net.full_sort_predict({net.USER_ID: users}).view(len(users), -1)
+    with torch.no_grad():
+        user_e, item_e = net.final_embeddings()
+    expected = item_e.clone()
+    expected[net.cold_items] = item_e[net.cold_neighbours].mean(1)
+    torch.testing.assert_close(scores, user_e[users] @ expected.T)
+    with pytest.raises(ValueError, match="cold_item_neighbours must be"):
+        _build(model, planted, cold_item_neighbours=-1, **GENERAL)
+
+
+def test_cold_item_neighbours_lift_cold_items_of_a_trained_model(planted):
+    # MGCN reaches a cold item only through what its kNN neighbours' views carry back to it; its
+    # nearest warm item's trained embedding ranks cold items of the planted clusters far higher
+    # (measured: cold Recall@20 0.67 -> 0.86, warm 0.91 -> 0.90)
+    config, (_, train, valid, test, net) = _build("MGCN", planted, cold_item_ratio=0.2, cold_seed=0, epochs=5,
+                                                  learning_rate=0.01, cold_item_neighbours=1, **GENERAL)
+    trainer = get_trainer(config["MODEL_TYPE"], "MGCN")(config, net)
+    trainer.fit(train, valid, saved=False)
+    with_neighbours = evaluate_warm_cold(trainer, test)
+    net.cold_items = None  # the same weights, cold items scored by the model itself
+    own = evaluate_warm_cold(trainer, test)
+    assert with_neighbours["cold"]["recall@20"] > own["cold"]["recall@20"] + 0.1, (with_neighbours, own)
+    assert abs(with_neighbours["warm"]["recall@20"] - own["warm"]["recall@20"]) < 0.05, (with_neighbours, own)

@@ -7,6 +7,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_mm.model.layers.cold_items import cold_item_neighbours
+
 
 class DotProductSequentialRecommender(SequentialRecommender):
     """A sequential model that scores item ``i`` by ``forward(seq) . item_embedding(i)`` (RecBole's
@@ -61,10 +63,25 @@ class CachedDotProductMixin:
     evaluation and kept (RecBole's ``restore_user_e`` pattern): RecBole's full ranking calls
     ``full_sort_predict`` once per batch of ``eval_batch_size // n_items`` users, i.e. one user per
     call on catalogues above 4096 items. The cache is dropped by ``train()`` / ``eval()`` and by
-    :meth:`clear_cache` (call it in ``calculate_loss``)."""
+    :meth:`clear_cache` (call it in ``calculate_loss``).
+
+    ``cold_item_neighbours: k`` (0 = off; set up by :meth:`init_cold_items`, which the subclass
+    calls): in evaluation an item with no training interaction gets the mean final embedding of its
+    ``k`` most feature-similar warm items (:mod:`recbole_mm.model.layers.cold_items`). Training is
+    unchanged."""
 
     restore_user_e: Optional[torch.Tensor] = None
     restore_item_e: Optional[torch.Tensor] = None
+
+    def init_cold_items(self, config, dataset) -> None:
+        """Find the cold items of ``dataset`` (the training split) and their feature neighbours when
+        ``cold_item_neighbours`` is set; kept as non-persistent buffers (rebuilt, never checkpointed)."""
+        k = config["cold_item_neighbours"] or 0
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"cold_item_neighbours must be an int >= 0, got {k!r}")
+        cold, neighbours = cold_item_neighbours(dataset, k) if k else (None, None)
+        self.register_buffer("cold_items", cold, persistent=False)
+        self.register_buffer("cold_neighbours", neighbours, persistent=False)
 
     def clear_cache(self) -> None:
         self.restore_user_e = self.restore_item_e = None
@@ -76,7 +93,10 @@ class CachedDotProductMixin:
     def _cached(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.restore_user_e is None or self.restore_item_e is None:
             with torch.no_grad():
-                self.restore_user_e, self.restore_item_e = self.final_embeddings()
+                users, items = self.final_embeddings()
+                if getattr(self, "cold_items", None) is not None and len(self.cold_items):
+                    items = items.index_copy(0, self.cold_items, items[self.cold_neighbours].mean(1))
+                self.restore_user_e, self.restore_item_e = users, items
         return self.restore_user_e, self.restore_item_e
 
     def predict(self, interaction):

@@ -103,6 +103,7 @@ class FREEDOM(CachedDotProductMixin, BPRLossMixin, GeneralRecommender):
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
         self.pruned_adj: Optional[torch.Tensor] = None
+        self.init_cold_items(config, dataset)  # cold_item_neighbours
 
     def train(self, mode: bool = True):
         self.pruned_adj = None  # a new epoch (RecBole calls train() first) gets a newly pruned graph

@@ -128,6 +128,7 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         self.term_log = LossTermLog.from_config(config["log_loss_terms"], "bpr", "h^m")
         self.logger = logging.getLogger()
         self.apply(xavier_uniform_initialization)
+        self.init_cold_items(config, dataset)  # cold_item_neighbours
 
     def modality_refiner(self, config, dims: Dict[str, int], emb: int) -> Tuple[int, Callable[[], nn.Module]]:
         """``(d, make)``: each modality's features are projected linearly to ``d`` values, then

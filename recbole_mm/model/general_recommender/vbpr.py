@@ -60,6 +60,7 @@ class VBPR(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, GeneralRecommen
         with torch.no_grad():
             for w in self.content.maps:
                 w.weight[-1].zero_()
+        self.init_cold_items(config, dataset)  # cold_item_neighbours
 
     def _items(self, item_ids=None):
         """``([gamma_i; E f_i], b_i)`` of the given items (all items when ``None``)."""
