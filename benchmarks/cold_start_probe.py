@@ -10,7 +10,9 @@ epoch), then, on the test set:
 * Recall@20 when each cold item's final embedding is replaced by the mean of its ``k`` nearest
   warm items' (cosine of the item features, every modality L2-normalised and concatenated): the
   plainest way to score a new item from its content alone, which ``cold_item_neighbours: k`` makes
-  the models' own evaluation (:mod:`recbole_mm.model.layers.cold_items`);
+  the models' own evaluation (:mod:`recbole_mm.model.layers.cold_items`); for a model that has that
+  option, RecBole's own validation and test metrics with it at ``k`` = 0 (off) and each ``--k``,
+  overall and on warm and cold targets, so that ``k`` can be chosen on the validation set;
 * for a model with an ``item_embedding`` table, Recall@20 with the cold items' rows of that table
   set to zero before the final embeddings are computed: what the ID rows of items in no training
   pair carry (nothing in an ID-only model; in MGCN and MambaRec they train as neighbours in the
@@ -93,7 +95,8 @@ def main(argv=None):
 
 
 def probe(args):
-    """Train, measure, write the files; returns ``(RecBole's warm/cold report, rows of the table)``."""
+    """Train, measure, write the files; returns ``(RecBole's warm/cold report, rows of the table, rows of
+    the cold_item_neighbours table)``."""
     from recbole_mm.benchmark.plan import build_config, load_suite, plan_runs
     from recbole_mm.data.cold_start import cold_targets, evaluate_warm_cold
     from recbole_mm.model.layers.cold_items import nearest_warm_items
@@ -184,9 +187,40 @@ def probe(args):
              "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['warm_recall@20']:.4f} | {r['cold_recall@20']:.4f} | {r['warm_median_rank']} | "
               f"{r['cold_median_rank']} |" for r in rows]
+    options = option_rows(trainer, model, train, valid, test, args.k) if hasattr(model, "cold_neighbours") else []
+    if options:
+        names = list(options[0])[1:]
+        lines += ["", "`cold_item_neighbours: k` through RecBole's evaluator (valid: overall; test: overall, warm and "
+                  "cold targets):", "", "| k | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {r['k']} | " + " | ".join(f"{r[n]:.4f}" for n in names) + " |" for r in options]
+        with open(stem.parent / f"{stem.name}-neighbours.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, list(options[0]))
+            writer.writeheader()
+            writer.writerows(options)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return report, rows
+    return report, rows, options
+
+
+def option_rows(trainer, model, train, valid, test, ks):
+    """RecBole's metrics with ``cold_item_neighbours`` at 0 and at each of ``ks`` (same weights)."""
+    from recbole_mm.data.cold_start import evaluate_warm_cold
+    from recbole_mm.model.layers.cold_items import cold_item_neighbours
+
+    rows = []
+    for k in [0, *ks]:
+        model.cold_items, model.cold_neighbours = cold_item_neighbours(train.dataset, k) if k else (None, None)
+        model.clear_cache()
+        at_k = [m for m in trainer.evaluate(valid, load_best_model=False, show_progress=False).items()
+                if m[0].endswith(f"@{TOPK}")]  # e.g. recall@20, ndcg@20
+        row = {"k": k, **{f"valid_{m}": v for m, v in at_k[:1]}}
+        for group, result in [("test", trainer.evaluate(test, load_best_model=False, show_progress=False)),
+                              *evaluate_warm_cold(trainer, test).items()]:
+            row.update({f"{group}_{m}": v for m, v in result.items() if m.endswith(f"@{TOPK}")})
+        rows.append(row)
+    model.cold_items = model.cold_neighbours = None
+    model.clear_cache()
+    return rows
 
 
 if __name__ == "__main__":

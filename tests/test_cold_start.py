@@ -175,7 +175,7 @@ def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_p
     suite.write_text(yaml.safe_dump({"name": "probe", "dataset": name, "runs": ["VBPR"], "config": {
         **TINY, "data_path": root, "modalities": ["image", "text"], "metrics": ["Recall"], "topk": [20],
         "valid_metric": "recall@20", "epochs": 2, "cold_item_ratio": 0.2, "cold_seed": 0, **GENERAL}}))
-    report, rows = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path), seed=2020, k=[1, 3],
+    report, rows, options = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path), seed=2020, k=[1, 3],
                                             checkpoint=None))
     assert [r["variant"] for r in rows] == ["as trained", "cold items = mean of their 1 nearest warm items",
                                             "cold items = mean of their 3 nearest warm items",
@@ -189,8 +189,14 @@ def test_cold_start_probe_recomputes_recbole_warm_and_cold_recall(planted, tmp_p
     # the same weights from the run's checkpoint: the same numbers without training again
     (saved,) = (tmp_path / "checkpoints").glob("VBPR-*.pth")
     again = probe(argparse.Namespace(suite=str(suite), model="VBPR", out=str(tmp_path / "again"), seed=2020, k=[1, 3],
-                                     checkpoint=str(saved)))[1]
-    assert again == rows
+                                     checkpoint=str(saved)))
+    assert again[1] == rows and again[2] == options
+    # the option through RecBole's evaluator: off = the report, k = the probe's own k-neighbour ranking
+    assert [o["k"] for o in options] == [0, 1, 3]
+    assert options[0]["cold_recall@20"] == report["cold"]["recall@20"]
+    for option, row in zip(options[1:], rows[1:3]):
+        assert option["cold_recall@20"] == round(row["cold_recall@20"], 4)
+        assert option["warm_recall@20"] == round(row["warm_recall@20"], 4)
 
 
 @pytest.mark.parametrize("model", ["MGCN", "VBPR", "FREEDOM"])
