@@ -205,11 +205,10 @@ def probe(args):
 def option_rows(trainer, model, train, valid, test, ks):
     """RecBole's metrics with ``cold_item_neighbours`` at 0 and at each of ``ks`` (same weights)."""
     from recbole_mm.data.cold_start import evaluate_warm_cold
-    from recbole_mm.model.layers.cold_items import cold_item_neighbours
 
     rows = []
     for k in [0, *ks]:
-        model.cold_items, model.cold_neighbours = cold_item_neighbours(train.dataset, k) if k else (None, None)
+        model.init_cold_items({"cold_item_neighbours": k}, train.dataset)  # what the config key sets up
         model.clear_cache()
         at_k = [m for m in trainer.evaluate(valid, load_best_model=False, show_progress=False).items()
                 if m[0].endswith(f"@{TOPK}")]  # e.g. recall@20, ndcg@20
@@ -218,7 +217,7 @@ def option_rows(trainer, model, train, valid, test, ks):
                               *evaluate_warm_cold(trainer, test).items()]:
             row.update({f"{group}_{m}": v for m, v in result.items() if m.endswith(f"@{TOPK}")})
         rows.append(row)
-    model.cold_items = model.cold_neighbours = None
+    model.init_cold_items({"cold_item_neighbours": 0}, train.dataset)
     model.clear_cache()
     return rows
 
