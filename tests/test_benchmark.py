@@ -2,6 +2,7 @@
 summary, plots, resume), the planner's guarantees, the statistics and the suite files."""
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -239,6 +240,38 @@ def test_a_run_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypat
     monkeypatch.setattr(cli, "_worker_context", lambda: None)
     assert cli.execute(runs, tmp_path) == []
     assert launched == ["A"] and len(finished_keys(tmp_path / "results.csv")) == 2
+
+
+def test_a_run_finished_after_its_invocation_stopped_is_collected_not_retrained(tmp_path, monkeypatch, capsys):
+    # the worker wrote its per-user metrics and result, then the invoking process was killed before
+    # it wrote the row: the next invocation takes that result and trains nothing
+    from recbole_mm.benchmark import cli
+    from recbole_mm.benchmark.plan import Run
+
+    done, cut = Run("A", "A", "d", 2020, 2020, (), {}, "h"), Run("B", "B", "d", 2020, 2020, (), {}, "h")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "per_user").mkdir()
+    row = {"run_s": 9.0, "best_epoch": 3, "model": "A", "seed": 2020, "config_hash": "h", "test_ndcg@10": 0.25}
+    (tmp_path / "logs" / f"{done.stem}.result.json").write_text(json.dumps(row))
+    np.savez(tmp_path / "per_user" / f"{done.stem}.npz", user_id=np.arange(3))
+    (cli.checkpoint_folder(tmp_path, done)).mkdir(parents=True)
+    (cli.checkpoint_folder(tmp_path, done) / "A.pth").write_bytes(b"x")
+    # B's worker died before its per-user file: its stale result is not taken, B is trained again
+    (tmp_path / "logs" / f"{cut.stem}.result.json").write_text(json.dumps({**row, "model": "B"}))
+    launched = []
+
+    def fake_launch(run, out, verbose, context):
+        launched.append(run.model)
+        return {**row, "model": run.model, "test_ndcg@10": 0.5}
+
+    monkeypatch.setattr(cli, "launch", fake_launch)
+    monkeypatch.setattr(cli, "_worker_context", lambda: None)
+    assert cli.execute([done, cut], tmp_path) == []
+    assert launched == ["B"] and "found A seed=2020 [h]" in capsys.readouterr().out
+    rows = {r["model"]: r for r in _rows(tmp_path)}
+    assert rows["A"]["test_ndcg@10"] == "0.25" and rows["A"]["label"] == "A" and rows["B"]["test_ndcg@10"] == "0.5"
+    assert not (tmp_path / "logs" / f"{done.stem}.result.json").exists()
+    assert not cli.checkpoint_folder(tmp_path, done).exists()
 
 
 def test_quick_slice_keeps_the_first_users_and_links_the_rest(planted, tmp_path):

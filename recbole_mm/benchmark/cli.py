@@ -114,26 +114,41 @@ def checkpoint_folder(out: Path, run: Run) -> Path:
     return out / "checkpoints" / run.stem
 
 
+def _files(out: Path, run: Run):
+    """The run's spec, result (its row, written last by the worker) and per-user files."""
+    logs = out / "logs"
+    return logs / f"{run.stem}.json", logs / f"{run.stem}.result.json", out / "per_user" / f"{run.stem}.npz"
+
+
+def collect(run: Run, out: Path) -> Optional[Dict]:
+    """The row a finished worker left for ``run``, or ``None``; taking it drops the run's checkpoints.
+
+    Also called before a run starts: a worker that finished after its invoking process was stopped
+    (a session's end, a kill) has written its result and per-user files but no row, and its
+    training is not repeated."""
+    _, result, per_user = _files(out, run)
+    if not (result.is_file() and per_user.is_file()):
+        return None
+    row = json.loads(result.read_text())
+    result.unlink()
+    shutil.rmtree(checkpoint_folder(out, run), ignore_errors=True)  # the benchmark keeps metrics, not models
+    return row
+
+
 def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
     """Run one worker process; its CSV row, or ``None`` when it failed (see its log)."""
-    logs, per_user, checkpoints = out / "logs", out / "per_user", checkpoint_folder(out, run)
-    logs.mkdir(parents=True, exist_ok=True)
-    per_user.mkdir(exist_ok=True)
-    spec, result = logs / f"{run.stem}.json", logs / f"{run.stem}.result.json"
+    spec, result, per_user = _files(out, run)
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    per_user.parent.mkdir(exist_ok=True)
     spec.write_text(run.to_json())
     result.unlink(missing_ok=True)
     process = context.Process(
         target=worker.run_to_files, name=run.stem,
-        args=(str(spec), str(result), str(per_user / f"{run.stem}.npz"),
-              None if verbose else str(logs / f"{run.stem}.log"), str(checkpoints)))
+        args=(str(spec), str(result), str(per_user),
+              None if verbose else str(spec.parent / f"{run.stem}.log"), str(checkpoint_folder(out, run))))
     process.start()
     process.join()
-    if process.exitcode != 0 or not result.is_file():
-        return None
-    row = json.loads(result.read_text())
-    result.unlink()
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the benchmark keeps metrics, not models
-    return row
+    return collect(run, out) if process.exitcode == 0 else None
 
 
 def _log_tail(out: Path, run: Run, lines: int = 15) -> str:
@@ -152,10 +167,15 @@ def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
         if run.key in finished_keys(csv_path):
             print(f"[{i}/{len(runs)} {_elapsed(start)}] skip  {name}: already in {csv_path.name}", flush=True)
             continue
-        resume = worker.resume_from(checkpoint_folder(out, run))
-        print(f"[{i}/{len(runs)} {_elapsed(start)}] " + (f"resume {name} from {resume}" if resume else f"start {name}"),
-              flush=True)
-        row = launch(run, out, verbose, context)
+        row = collect(run, out)
+        if row is not None:
+            print(f"[{i}/{len(runs)} {_elapsed(start)}] found {name}: finished after an earlier invocation stopped",
+                  flush=True)
+        else:
+            resume = worker.resume_from(checkpoint_folder(out, run))
+            print(f"[{i}/{len(runs)} {_elapsed(start)}] "
+                  + (f"resume {name} from {resume}" if resume else f"start {name}"), flush=True)
+            row = launch(run, out, verbose, context)
         if row is None:
             failed.append(run)
             print(f"[{i}/{len(runs)} {_elapsed(start)}] FAILED {name}; log: {out / 'logs' / run.stem}.log\n"

@@ -272,8 +272,11 @@ def run_to_files(spec_file, result_file, per_user_file, log_file=None, checkpoin
     with open(spec_file) as f:
         result = run(Run.from_json(f.read()), checkpoint_dir)
     np.savez(per_user_file, **result["per_user"])
-    with open(result_file, "w") as f:  # written last: its presence means the run finished
+    # written last, whole or not at all: its presence means the run finished (cli.collect)
+    partial = f"{result_file}.partial"
+    with open(partial, "w") as f:
         json.dump(result["row"], f)
+    os.replace(partial, result_file)
 
 
 if __name__ == "__main__":  # rerun one planned run by hand: worker <out>/logs/<run>.json RESULT.json PER_USER.npz
