@@ -115,9 +115,10 @@ def checkpoint_folder(out: Path, run: Run) -> Path:
 
 
 def _files(out: Path, run: Run):
-    """The run's spec, result (its row, written last by the worker) and per-user files."""
+    """The run's spec, result (its row, written last by the worker), per-user and log files."""
     logs = out / "logs"
-    return logs / f"{run.stem}.json", logs / f"{run.stem}.result.json", out / "per_user" / f"{run.stem}.npz"
+    return (logs / f"{run.stem}.json", logs / f"{run.stem}.result.json", out / "per_user" / f"{run.stem}.npz",
+            logs / f"{run.stem}.log")
 
 
 def collect(run: Run, out: Path) -> Optional[Dict]:
@@ -126,7 +127,7 @@ def collect(run: Run, out: Path) -> Optional[Dict]:
     Also called before a run starts: a worker that finished after its invoking process was stopped
     (a session's end, a kill) has written its result and per-user files but no row, and its
     training is not repeated."""
-    _, result, per_user = _files(out, run)
+    _, result, per_user, _ = _files(out, run)
     if not (result.is_file() and per_user.is_file()):
         return None
     row = json.loads(result.read_text())
@@ -137,7 +138,7 @@ def collect(run: Run, out: Path) -> Optional[Dict]:
 
 def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
     """Run one worker process; its CSV row, or ``None`` when it failed (see its log)."""
-    spec, result, per_user = _files(out, run)
+    spec, result, per_user, log = _files(out, run)
     spec.parent.mkdir(parents=True, exist_ok=True)
     per_user.parent.mkdir(exist_ok=True)
     spec.write_text(run.to_json())
@@ -145,14 +146,14 @@ def launch(run: Run, out: Path, verbose: bool, context) -> Optional[Dict]:
     process = context.Process(
         target=worker.run_to_files, name=run.stem,
         args=(str(spec), str(result), str(per_user),
-              None if verbose else str(spec.parent / f"{run.stem}.log"), str(checkpoint_folder(out, run))))
+              None if verbose else str(log), str(checkpoint_folder(out, run))))
     process.start()
     process.join()
     return collect(run, out) if process.exitcode == 0 else None
 
 
 def _log_tail(out: Path, run: Run, lines: int = 15) -> str:
-    log = out / "logs" / f"{run.stem}.log"
+    log = _files(out, run)[3]
     return "\n".join(log.read_text().splitlines()[-lines:]) if log.is_file() else "(no log: ran with --verbose)"
 
 
@@ -178,7 +179,7 @@ def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
             row = launch(run, out, verbose, context)
         if row is None:
             failed.append(run)
-            print(f"[{i}/{len(runs)} {_elapsed(start)}] FAILED {name}; log: {out / 'logs' / run.stem}.log\n"
+            print(f"[{i}/{len(runs)} {_elapsed(start)}] FAILED {name}; log: {_files(out, run)[3]}\n"
                   f"{_log_tail(out, run)}", flush=True)
             continue
         append_row(csv_path, {**row, "label": run.label})
