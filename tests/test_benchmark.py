@@ -17,7 +17,7 @@ from scipy import stats
 
 from conftest import REPO, TINY, Interrupted, interrupted_at_epoch, load_benchmark_script
 from recbole_mm.benchmark import main, worker
-from recbole_mm.benchmark.cli import parse_args, shard_of
+from recbole_mm.benchmark.cli import chosen_runs, narrow, parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
 from recbole_mm.benchmark.quick import first_users_slice
 from recbole_mm.benchmark.report import seed_ttest, user_wilcoxon
@@ -220,6 +220,45 @@ def test_shards_split_the_plan_and_share_one_results_file(planted, tmp_path):
     for p in procs:
         p.join()
     assert len(finished_keys(csv_path)) == 50 and len(_rows(tmp_path)) == 50
+
+
+def test_only_narrows_the_suite_to_named_entries_and_seeds_and_keeps_the_reference(planted):
+    root, name = planted
+    suite = Suite("s", name, [Entry("MambaRec", "MambaRec"), Entry("BPR", "BPR"),
+                              Entry("BPR (d32)", "BPR", {"embedding_size": 32})],
+                  seeds=3, config={"data_path": root, "modalities": ["image", "text"]}, pairs=[("BPR", "BPR (d32)")])
+    whole = {r.key for r in plan_runs(suite)}
+    narrowed, wanted = narrow(suite, ["BPR (d32)@2021", "BPR (d32)@2022"])
+    assert [e.label for e in narrowed.entries] == ["MambaRec", "BPR (d32)"] and narrowed.pairs == []
+    runs = plan_runs(narrowed)
+    assert [(r.label, r.seed) for r in chosen_runs(runs, wanted)] == [("BPR (d32)", 2021), ("BPR (d32)", 2022)]
+    assert {r.key for r in runs} <= whole  # the reference still pins the protocol: the same config hashes
+    narrowed, wanted = narrow(suite, ["BPR", "BPR (d32)@2020", "BPR@2021"])  # a bare label takes every seed
+    assert narrowed.pairs == [("BPR", "BPR (d32)")]
+    assert [(r.label, r.seed) for r in chosen_runs(plan_runs(narrowed), wanted)] == [
+        ("BPR", 2020), ("BPR", 2021), ("BPR", 2022), ("BPR (d32)", 2020)]
+    assert narrow(suite, None) == (suite, {}) and chosen_runs(runs, {}) == runs
+    with pytest.raises(ValueError, match="no entry labelled 'LightGCN'"):
+        narrow(suite, ["LightGCN@2020"])
+    with pytest.raises(ValueError, match=r"seed\(s\) \[2030\] not planned"):
+        chosen_runs(runs, narrow(suite, ["BPR (d32)@2030"])[1])
+
+
+def test_summary_only_runs_nothing_and_says_what_is_missing(planted, tmp_path, monkeypatch):
+    from recbole_mm.benchmark import cli
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("--summary_only trained something")
+
+    monkeypatch.setattr(cli, "execute", no_run)
+    root, name = planted
+    out = tmp_path / "bench"
+    args = ["--models", "BPR", "LightGCN", "-d", name, "--seeds", "1", "--out", str(out), f"--data_path={root}"]
+    assert main(args + ["--summary_only"]) == 0
+    assert "Not finished (rerun the same command to resume): BPR seed 2020, LightGCN seed 2020." in (
+        out / "benchmark.md").read_text()
+    with pytest.raises(SystemExit, match="no entry labelled 'SASRec'"):
+        main(args + ["--only", "SASRec", "--summary_only"])
 
 
 def test_a_run_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypatch):

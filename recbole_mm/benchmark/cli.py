@@ -4,11 +4,12 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from recbole_mm.benchmark import worker
 from recbole_mm.benchmark.plan import BASE_SEED, Entry, Run, Suite, load_suite, plan_runs
@@ -38,6 +39,11 @@ def parse_args(argv):
                              "--quick_users users, 1 seed unless --seeds; its metrics mean nothing")
     parser.add_argument("--quick_users", type=int, default=200, help="users kept by --quick (default 200)")
     parser.add_argument("--verbose", action="store_true", help="show RecBole's logs instead of writing them to <out>/logs/")
+    parser.add_argument("--only", nargs="+", metavar="LABEL[@SEED]",
+                        help="run only these entries of the suite (LABEL@SEED: that seed only); the summary "
+                             "covers them and the reference")
+    parser.add_argument("--summary_only", action="store_true",
+                        help="run nothing: summarise what <out>/results.csv holds for the planned runs")
     parser.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
                         help="run only the K-th of every N planned runs; N such processes with the same "
                              "--out share the work (one per core or machine) and one results.csv")
@@ -93,6 +99,40 @@ def make_suite(args) -> Suite:
     if not suite.dataset:
         raise SystemExit(f"{args.suite} names no dataset: pass --dataset")
     return suite
+
+
+def narrow(suite: Suite, only: Optional[List[str]]) -> Tuple[Suite, Dict[str, Optional[set]]]:
+    """``--only``: the suite cut to the named entries plus its reference (the others are tested
+    against it, and it pins their protocol, so their config hashes stay those of the whole suite),
+    and the seeds asked of each named label (``None``: all of them)."""
+    if not only:
+        return suite, {}
+    labels, wanted = [e.label for e in suite.entries], {}
+    for item in only:
+        label, _, seed = item.rpartition("@")
+        if not (label and seed.isdigit()):  # a bare label (which may hold an "@" itself)
+            label, seed = item, ""
+        if label not in labels:
+            raise ValueError(f"--only {item!r}: no entry labelled {label!r}; the suite's labels: {labels}")
+        if not seed:
+            wanted[label] = None
+        elif wanted.get(label, set()) is not None:
+            wanted[label] = wanted.get(label, set()) | {int(seed)}
+    keep = set(wanted) | {suite.reference}
+    return dataclasses.replace(suite, entries=[e for e in suite.entries if e.label in keep],
+                               pairs=[p for p in suite.pairs if set(p) <= keep]), wanted
+
+
+def chosen_runs(runs: List[Run], wanted: Dict[str, Optional[set]]) -> List[Run]:
+    """The planned runs ``--only`` asks for (every run without it)."""
+    if not wanted:
+        return runs
+    for label, seeds in wanted.items():
+        planned = {r.seed for r in runs if r.label == label}
+        if seeds and not seeds <= planned:
+            raise ValueError(f"--only {label!r}: seed(s) {sorted(seeds - planned)} not planned; the suite's seeds: "
+                             f"{sorted(planned)} (--seeds N plans {BASE_SEED} to {BASE_SEED}+N-1)")
+    return [r for r in runs if r.label in wanted and (wanted[r.label] is None or r.seed in wanted[r.label])]
 
 
 def _elapsed(start: float) -> str:
@@ -192,7 +232,10 @@ def execute(runs: List[Run], out: Path, verbose: bool = False) -> List[Run]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    suite = make_suite(args)
+    try:
+        suite, wanted = narrow(make_suite(args), args.only)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     out = Path(args.out or Path("benchmarks", "out", suite.dataset, *(["quick"] if args.quick else [])))
     out.mkdir(parents=True, exist_ok=True)
     overrides, quick = dict(args.overrides), None
@@ -201,10 +244,14 @@ def main(argv=None) -> int:
         overrides["data_path"] = str(first_users_slice(source, out / "quick-data", args.quick_users).resolve())
         quick = QUICK_CONFIG
     runs = plan_runs(suite, args.split_seed, overrides, quick)
-    print(f"benchmark {suite.name}: {len(suite.entries)} entries x {suite.seeds} seeds on {suite.dataset} -> {out}",
-          flush=True)
-    failed = execute(shard_of(runs, *args.shard), out, args.verbose)
-    summary = summarise(suite, runs, out / "results.csv", out, "python -m recbole_mm.benchmark " + " ".join(argv))
+    try:
+        chosen = chosen_runs(runs, wanted)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print(f"benchmark {suite.name}: {len(suite.entries)} entries x {suite.seeds} seeds on {suite.dataset} -> {out}"
+          + (f"; {len(chosen)} of them chosen by --only" if wanted else ""), flush=True)
+    failed = [] if args.summary_only else execute(shard_of(chosen, *args.shard), out, args.verbose)
+    summary = summarise(suite, runs, out / "results.csv", out, "python -m recbole_mm.benchmark " + shlex.join(argv))
     print(f"\nresults: {out / 'results.csv'}\nsummary: {summary}\n\n{summary.read_text()}", flush=True)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(f'{r.label} seed={r.seed}' for r in failed)}", flush=True)
