@@ -1,7 +1,9 @@
-"""FindRec's training cost on the CPU against its floors and against RecBole's SASRec.
+"""FindRec's training cost on the CPU (or a GPU) against its floors and against RecBole's SASRec.
 
     python benchmarks/findrec_speed.py --out results/findrec_speed                  # everything
-    python benchmarks/findrec_speed.py --out /tmp/fs --max-batches 20 --skip-memory   # a quick look
+    python benchmarks/findrec_speed.py --out /tmp/fs --max-batches 20 --skip scan      # a quick look
+    python benchmarks/findrec_speed.py --out /tmp/fs --device cuda --max-batches 40 --sample-batches 40 \
+        --skip equal-width                                                               # on a GPU
 
 Data: the FindRec paper's Amazon Beauty (Table 1: 4,323 users, 2,424 items, 60,276
 interactions), the dataset ``amazon-beauty-paper``, with RecBole's leave-one-out split and training
@@ -82,7 +84,8 @@ def _epoch_worker(args) -> dict:
     overrides = json.loads(args.overrides)
     config = Config(model=args.name, dataset=args.dataset, config_dict={
         "MAX_ITEM_LIST_LENGTH": args.length, "train_batch_size": args.batch_size,
-        "state": "ERROR", "show_progress": False, "use_gpu": False, "checkpoint_dir": "/tmp/findrec_speed_saved",
+        "state": "ERROR", "show_progress": False, "use_gpu": args.device == "cuda",
+        "checkpoint_dir": "/tmp/findrec_speed_saved",
         **overrides})
     dataset, train, valid, test, model = build_data_and_model(config)
     torch = _torch(args.threads)
@@ -93,12 +96,15 @@ def _epoch_worker(args) -> dict:
     for i, batch in enumerate(train):
         if args.max_batches and timed >= args.max_batches:
             break
+        batch = batch.to(model.device)
+        _sync(torch, args.device)
         start = time.perf_counter()
         optimizer.zero_grad()
         loss = model.calculate_loss(batch)
         (sum(loss) if isinstance(loss, tuple) else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        _sync(torch, args.device)
         if i == 0 and args.max_batches:
             continue  # warm-up (first-call allocations) when extrapolating from a sample
         seconds += time.perf_counter() - start
@@ -112,6 +118,11 @@ def _epoch_worker(args) -> dict:
     return {"batches": len(train), "batches_timed": timed, "seconds_timed": seconds, "s_per_epoch": seconds * scale,
             "peak_rss_mb": _peak_rss_mb(), "real_positions": round(real * scale), "padded_positions": round(padded * scale),
             "gflop_per_epoch": gflop, "note": f"{dataset.user_num - 1} users, {dataset.item_num - 1} items"}
+
+
+def _sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the time
 
 
 def _scan_worker(args) -> dict:
@@ -149,11 +160,13 @@ def _scan_worker(args) -> dict:
 
 def _matmul_worker(args) -> dict:
     torch = _torch(args.threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, device=args.device), torch.randn(2048, 2048, device=args.device)
     best = float("inf")
     for _ in range(5):
+        _sync(torch, args.device)
         start = time.perf_counter()
         a @ b
+        _sync(torch, args.device)
         best = min(best, time.perf_counter() - start)
     return {"seconds_timed": best, "note": f"{2 * 2048 ** 3 / best / 1e9:.1f} GFLOP/s"}
 
@@ -163,7 +176,7 @@ def _run(args, table, name, length=50, overrides=None, max_batches=None) -> dict
     max_batches = args.max_batches if max_batches is None else max_batches
     cmd = [sys.executable, __file__, "--worker", worker, "--name", name, "--length", str(length),
            "--batch-size", str(args.batch_size), "--max-batches", str(max_batches), "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--dataset", args.dataset, "--overrides", json.dumps(overrides or {})]
+           "--repeats", str(args.repeats), "--dataset", args.dataset, "--device", args.device, "--overrides", json.dumps(overrides or {})]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -174,13 +187,21 @@ def _run(args, table, name, length=50, overrides=None, max_batches=None) -> dict
     return row
 
 
+def _device_name(device) -> str:
+    if device == "cpu":
+        return "CPU"
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def _fmt(x, spec):
     return "" if x in (None, "") else format(x, spec)
 
 
 def _markdown(rows, args, rate) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines = ["# FindRec training cost (CPU)", "",
+    lines = [f"# FindRec training cost ({_device_name(args.device)})", "",
              f"`{' '.join(sys.argv)}` — {platform.processor() or platform.machine()}, {args.threads} torch threads, "
              f"fp32 matmul {rate:.1f} GFLOP/s (2048^3, same run), load average at the end {load}.", "",
              "| table | model | max length | s / epoch | floor s / epoch | x floor | real / padded positions | "
@@ -207,6 +228,8 @@ def main(argv=None):
     parser.add_argument("--paper-length", type=int, default=50,
                         help="MAX_ITEM_LIST_LENGTH of the paper rows (the paper: 50 on Beauty, 100 on ML-100K)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model trains (cuda: the scan table is skipped, its kernel is the CPU's)")
     parser.add_argument("--repeats", type=int, default=3, help="scan timings: the best of this many")
     parser.add_argument("--skip", nargs="*", default=[], choices=["paper", "padded", "equal-width", "scan"])
     parser.add_argument("--worker", choices=["epoch", "scan", "matmul"], help=argparse.SUPPRESS)
@@ -236,7 +259,7 @@ def main(argv=None):
                 "train_neg_sample_args": None}, max_batches=args.sample_batches))
     for row in rows:
         row["floor_s"] = row["gflop_per_epoch"] / rate
-    if "scan" not in args.skip:
+    if "scan" not in args.skip and args.device == "cpu":
         rows += [_run(args, "scan", name) for name in ("compiled kernel", "PyTorch step loop (before)", "mambapy pscan")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
