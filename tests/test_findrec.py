@@ -304,6 +304,9 @@ def test_length_groups_cut_where_padding_outweighs_a_call():
     assert [x.tolist() for x in cut.split(seq[:, 0])] == [seq[g, 0].tolist() for g in groups]
     whole = LengthGroups(lengths, enabled=False)
     assert [s.shape[1] for s, _ in whole.inputs(seq, lengths)] == [50] and whole.merge([seq]) is seq
+    # off the CPU (here the meta device, standing for a GPU) the batch stays one padded group
+    elsewhere = LengthGroups(lengths.to("meta"), overhead=10)
+    assert not elsewhere.enabled and elsewhere.groups == [None] and elsewhere.merge([seq]) is seq
 
 
 @pytest.mark.parametrize("feature_logits", [False, True])

@@ -229,7 +229,7 @@ class FindRec(SequentialRecommender):
         and (``kl`` only) each view's last ``(mu, logvar)``.
 
         Every stream is causal and the head reads the last valid position, so with
-        ``length_groups`` the streams run on groups of similar length, each cut to its longest
+        ``length_groups`` (on a CPU) the streams run on groups of similar length, each cut to its longest
         sequence: the result of the padded batch without computing the padding. The head runs on
         the merged last states (the cross-attention per group, for its keys), so every loss
         term's gradient passes through the same ``z_m``."""
