@@ -3,7 +3,7 @@
     python benchmarks/findrec_speed.py --out results/findrec_speed                  # everything
     python benchmarks/findrec_speed.py --out /tmp/fs --max-batches 20 --skip scan      # a quick look
     python benchmarks/findrec_speed.py --out /tmp/fs --device cuda --max-batches 40 --sample-batches 40 \
-        --skip equal-width                                                               # on a GPU
+        --skip padded                            # on a GPU (where FindRec computes the padded batch anyway)
 
 Data: the FindRec paper's Amazon Beauty (Table 1: 4,323 users, 2,424 items, 60,276
 interactions), the dataset ``amazon-beauty-paper``, with RecBole's leave-one-out split and training
