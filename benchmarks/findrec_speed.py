@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout being measured
 
+from recbole_mm.benchmark.worker import _clock  # noqa: E402  (the harness's device-synchronised clock)
+
 FIELDS = ["table", "name", "max_length", "threads", "batches", "batches_timed", "seconds_timed", "s_per_epoch",
           "peak_rss_mb", "real_positions", "padded_positions", "gflop_per_epoch", "floor_s", "note"]
 
@@ -97,17 +99,16 @@ def _epoch_worker(args) -> dict:
         if args.max_batches and timed >= args.max_batches:
             break
         batch = batch.to(model.device)
-        _sync(torch, args.device)
-        start = time.perf_counter()
+        start = _clock(model.device)
         optimizer.zero_grad()
         loss = model.calculate_loss(batch)
         (sum(loss) if isinstance(loss, tuple) else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        _sync(torch, args.device)
+        end = _clock(model.device)
         if i == 0 and args.max_batches:
             continue  # warm-up (first-call allocations) when extrapolating from a sample
-        seconds += time.perf_counter() - start
+        seconds += end - start
         timed += 1
         lengths = batch[model.ITEM_SEQ_LEN]
         real += int(lengths.sum())
@@ -118,11 +119,6 @@ def _epoch_worker(args) -> dict:
     return {"batches": len(train), "batches_timed": timed, "seconds_timed": seconds, "s_per_epoch": seconds * scale,
             "peak_rss_mb": _peak_rss_mb(), "real_positions": round(real * scale), "padded_positions": round(padded * scale),
             "gflop_per_epoch": gflop, "note": f"{dataset.user_num - 1} users, {dataset.item_num - 1} items"}
-
-
-def _sync(torch, device):
-    if device == "cuda":
-        torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the time
 
 
 def _scan_worker(args) -> dict:
@@ -163,11 +159,9 @@ def _matmul_worker(args) -> dict:
     a, b = torch.randn(2048, 2048, device=args.device), torch.randn(2048, 2048, device=args.device)
     best = float("inf")
     for _ in range(5):
-        _sync(torch, args.device)
-        start = time.perf_counter()
+        start = _clock(args.device)
         a @ b
-        _sync(torch, args.device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, _clock(args.device) - start)
     return {"seconds_timed": best, "note": f"{2 * 2048 ** 3 / best / 1e9:.1f} GFLOP/s"}
 
 
