@@ -18,9 +18,9 @@ from scipy import stats
 from conftest import REPO, TINY, Interrupted, interrupted_at_epoch, load_benchmark_script
 from recbole_mm.benchmark import main, worker
 from recbole_mm.benchmark.cli import chosen_runs, narrow, parse_args, shard_of
-from recbole_mm.benchmark.plan import Entry, Suite, config_hash, load_suite, plan_runs
+from recbole_mm.benchmark.plan import Entry, Run, Suite, config_hash, load_suite, plan_runs
 from recbole_mm.benchmark.quick import first_users_slice
-from recbole_mm.benchmark.report import seed_ttest, user_wilcoxon
+from recbole_mm.benchmark.report import seed_ttest, summarise, user_wilcoxon
 from recbole_mm.benchmark.store import append_row, finished_keys
 
 QUICK_USERS = 40
@@ -338,6 +338,21 @@ def test_significance_tests(tmp_path):
     run, ref = (pd.Series({"model": m, "seed": 1, "config_hash": "h"}) for m in ("M", "R"))
     assert user_wilcoxon(tmp_path, run, ref, "ndcg@10") == pytest.approx(stats.wilcoxon(a - b).pvalue)
     assert user_wilcoxon(tmp_path, run, run, "ndcg@10") == 1.0
+
+
+def test_summary_shows_the_validation_metric_the_runs_were_selected_on(tmp_path):
+    # the worker keeps every validation metric; the page's column is the suite's valid_metric, not the first
+    rows = [{"label": "A", "model": "A", "seed": 2020 + i, "config_hash": "h", "split_hash": "s", "device": "cpu",
+             "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1, "peak_rss_mb": 1.0,
+             "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5, "valid_ndcg@5": 0.1 + i / 100,
+             "valid_ndcg@10": v, "test_ndcg@5": 0.2, "test_ndcg@10": 0.3} for i, v in enumerate([0.40, 0.44])]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    runs = [Run("A", "A", "d", 2020 + i, 2020, (), {}, "h") for i in range(2)]
+    suite = Suite("s", "d", [Entry("A", "A")], config={"valid_metric": "NDCG@10"})
+    summary = summarise(suite, runs, tmp_path / "results.csv", tmp_path).read_text()
+    std = np.std([0.40, 0.44], ddof=1)
+    assert "| label | n | ndcg@5 | ndcg@10 | valid ndcg@10 |" in summary
+    assert f"| A | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 0.4200 ± {std:.4f} |" in summary
 
 
 def test_suite_files_state_runs_and_paper_numbers_consistently():

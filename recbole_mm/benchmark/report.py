@@ -3,7 +3,8 @@
 Only the planned runs are summarised (matched by ``(model, seed, config_hash)``), under the
 plan's labels, so one CSV can hold many suites and stale configurations without mixing them.
 
-* accuracy: mean ± std over seeds of every test metric and of the validation metric;
+* accuracy: mean ± std over seeds of every test metric and of the validation metric the runs were
+  selected on (the suite's ``valid_metric``);
 * cost: best epoch, epochs run, training seconds per epoch, inference seconds for one
   full-ranking pass over the test users, peak memory (CUDA max allocated on a GPU, else peak
   RSS) and trainable parameters;
@@ -52,6 +53,13 @@ def planned_results(runs: List[Run], csv_path: Path) -> pd.DataFrame:
 
 def _memory_kind(frame: pd.DataFrame) -> str:
     return "peak MB (CUDA max allocated)" if frame["peak_cuda_mb"].notna().any() else "peak MB (RSS)"
+
+
+def valid_column(frame: pd.DataFrame, suite: Suite) -> List[str]:
+    """The validation metric the runs were selected on (the suite's ``valid_metric``), else the first one kept."""
+    chosen = f"valid_{str(suite.config.get('valid_metric', '')).lower()}"
+    valid = [c for c in frame.columns if c.startswith("valid_")]
+    return [chosen] if chosen in valid else valid[:1]
 
 
 def metric_columns(frame: pd.DataFrame) -> List[str]:
@@ -218,11 +226,11 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
     parts.append(f"Dataset `{suite.dataset}`, seeds {', '.join(map(str, sorted(frame.seed.unique())))}, one split "
                  f"for all (fingerprint of valid+test: {', '.join(sorted(frame.split_hash.unique()))}).")
     metrics = metric_columns(frame)
-    valid = [c for c in frame.columns if c.startswith("valid_")]
+    valid = valid_column(frame, suite)
     groups = list(frame.groupby("label", sort=False))
     parts += ["## Accuracy (mean ± std over seeds)", _table(
-        ["label", "n"] + [m[len("test_"):] for m in metrics] + [f"valid {c[len('valid_'):]}" for c in valid[:1]],
-        [[label, len(g)] + [_mean_std(g[c]) for c in metrics + valid[:1]] for label, g in groups])]
+        ["label", "n"] + [m[len("test_"):] for m in metrics] + [f"valid {c[len('valid_'):]}" for c in valid],
+        [[label, len(g)] + [_mean_std(g[c]) for c in metrics + valid] for label, g in groups])]
     parts += ["## Cost (mean ± std over seeds)", _table(
         ["label", "device"] + [_memory_kind(frame) if c == "peak_mem_mb" else h for c, h in COST.items()],
         [[label, ", ".join(g.device.unique())] + [_mean_std(g[c], 1 if c in ("best_epoch", "epochs_run") else 3)
