@@ -355,6 +355,20 @@ def test_summary_shows_the_validation_metric_the_runs_were_selected_on(tmp_path)
     assert f"| A | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 0.4200 ± {std:.4f} |" in summary
 
 
+def test_a_label_of_fewer_seeds_is_compared_on_its_own_seeds(tmp_path):
+    # B ran seed 2020 only; the reference's 3-seed mean would mix its seeds' levels into B's gain
+    values = {"R": [0.30, 0.20, 0.22], "B": [0.27]}
+    rows = [{"label": label, "model": label, "seed": 2020 + i, "config_hash": "h", "split_hash": "s",
+             "device": "cpu", "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1,
+             "peak_rss_mb": 1.0, "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5,
+             "valid_ndcg@10": v, "test_ndcg@10": v} for label, vs in values.items() for i, v in enumerate(vs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    runs = [Run(r["label"], r["model"], "d", r["seed"], 2020, (), {}, "h") for r in rows]
+    suite = Suite("s", "d", [Entry("R", "R"), Entry("B", "B")], config={"valid_metric": "NDCG@10"})
+    summary = summarise(suite, runs, tmp_path / "results.csv", tmp_path).read_text()
+    assert "| B | ndcg@10 | 0.2700 | 0.3000 | -10.0% | – |" in summary  # not +12.5% against the mean 0.24
+
+
 def test_suite_files_state_runs_and_paper_numbers_consistently():
     files = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
     assert len(files) >= 5

@@ -9,8 +9,8 @@ plan's labels, so one CSV can hold many suites and stale configurations without 
   full-ranking pass over the test users, peak memory (CUDA max allocated on a GPU, else peak
   RSS) and trainable parameters;
 * significance against the reference label, and within each of the suite's ``pairs``: relative
-  gain of the means, a paired t-test over the seeds both have, and a Wilcoxon signed-rank test
-  over the users' metric values of the last seed both have (users matched by id);
+  gain of the means over the seeds both have, a paired t-test over those seeds, and a Wilcoxon
+  signed-rank test over the users' metric values of the last seed both have (users matched by id);
 * the paper's numbers beside ours, when the suite states them, with the order of the labels by
   the first paper metric in both;
 * cold-start runs (``cold_item_ratio``; the worker's ``warm_<metric>`` and ``cold_<metric>``
@@ -142,18 +142,21 @@ def _significance(frame, reference, labels, metrics, per_user_dir) -> Optional[s
             continue
         common = sorted(set(mine.seed) & set(ref.seed))
         last = common[-1] if common else None
+        # a run of fewer seeds is compared on its own seeds: a seed's own level is not the label's effect
+        mine_c, ref_c = (m[m.seed.isin(common)] if common else m for m in (mine, ref))
         for column in metrics:
-            gain = mine[column].mean() / ref[column].mean() - 1 if ref[column].mean() else float("nan")
+            a, b = mine_c[column].mean(), ref_c[column].mean()
+            gain = a / b - 1 if b else float("nan")
             # per-user values exist for the whole test set only (warm/cold: seeds only)
             p_user = None if last is None or not column.startswith("test_") else user_wilcoxon(
                 per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
-            rows.append([label, _metric_name(column), _fmt(mine[column].mean()), _fmt(ref[column].mean()),
+            rows.append([label, _metric_name(column), _fmt(a), _fmt(b),
                          "–" if not np.isfinite(gain) else f"{gain:+.1%}",
                          _fmt(seed_ttest(frame, label, reference, column), 3),
                          "–" if p_user is None else f"{_fmt(p_user, 3)} (seed {last})"])
     header = ["label", "metric", "mean", f"{reference}", "gain", "p, paired t (seeds)",
               "p, Wilcoxon (users, last seed)"]
-    return _table(header, rows) if rows else None
+    return (_table(header, rows) + "\n\nMeans and gain over the seeds both labels have.") if rows else None
 
 
 def _paper(frame, suite) -> Optional[str]:
