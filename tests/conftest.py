@@ -47,6 +47,14 @@ def load_benchmark_script(name):
     return module
 
 
+def result_row(label, seed, **columns):
+    """A finished run's CSV row as the benchmark worker writes it: made-up cost columns, then ``columns``
+    (metrics, or cost values to override)."""
+    return {"label": label, "model": label, "seed": seed, "config_hash": "h", "split_hash": "s", "device": "cpu",
+            "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1, "peak_rss_mb": 1.0,
+            "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5, **columns}
+
+
 def shared_dataset(name):
     """Path of ../shared/data/<name>, or skip the test with the reason."""
     folder = SHARED_DATA / name

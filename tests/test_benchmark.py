@@ -15,7 +15,7 @@ import torch
 import yaml
 from scipy import stats
 
-from conftest import REPO, TINY, Interrupted, interrupted_at_epoch, load_benchmark_script
+from conftest import REPO, TINY, Interrupted, interrupted_at_epoch, load_benchmark_script, result_row
 from recbole_mm.benchmark import main, worker
 from recbole_mm.benchmark.cli import chosen_runs, narrow, parse_args, shard_of
 from recbole_mm.benchmark.plan import Entry, Run, Suite, config_hash, load_suite, plan_runs
@@ -342,10 +342,8 @@ def test_significance_tests(tmp_path):
 
 def test_summary_shows_the_validation_metric_the_runs_were_selected_on(tmp_path):
     # the worker keeps every validation metric; the page's column is the suite's valid_metric, not the first
-    rows = [{"label": "A", "model": "A", "seed": 2020 + i, "config_hash": "h", "split_hash": "s", "device": "cpu",
-             "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1, "peak_rss_mb": 1.0,
-             "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5, "valid_ndcg@5": 0.1 + i / 100,
-             "valid_ndcg@10": v, "test_ndcg@5": 0.2, "test_ndcg@10": 0.3} for i, v in enumerate([0.40, 0.44])]
+    rows = [result_row("A", 2020 + i, **{"valid_ndcg@5": 0.1 + i / 100, "valid_ndcg@10": v, "test_ndcg@5": 0.2,
+                                         "test_ndcg@10": 0.3}) for i, v in enumerate([0.40, 0.44])]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     runs = [Run("A", "A", "d", 2020 + i, 2020, (), {}, "h") for i in range(2)]
     suite = Suite("s", "d", [Entry("A", "A")], config={"valid_metric": "NDCG@10"})
@@ -358,10 +356,8 @@ def test_summary_shows_the_validation_metric_the_runs_were_selected_on(tmp_path)
 def test_a_label_of_fewer_seeds_is_compared_on_its_own_seeds(tmp_path):
     # B ran seed 2020 only; the reference's 3-seed mean would mix its seeds' levels into B's gain
     values = {"R": [0.30, 0.20, 0.22], "B": [0.27]}
-    rows = [{"label": label, "model": label, "seed": 2020 + i, "config_hash": "h", "split_hash": "s",
-             "device": "cpu", "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1,
-             "peak_rss_mb": 1.0, "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5,
-             "valid_ndcg@10": v, "test_ndcg@10": v} for label, vs in values.items() for i, v in enumerate(vs)]
+    rows = [result_row(label, 2020 + i, **{"valid_ndcg@10": v, "test_ndcg@10": v})
+            for label, vs in values.items() for i, v in enumerate(vs)]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     runs = [Run(r["label"], r["model"], "d", r["seed"], 2020, (), {}, "h") for r in rows]
     suite = Suite("s", "d", [Entry("R", "R"), Entry("B", "B")], config={"valid_metric": "NDCG@10"})

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from conftest import result_row
 from recbole_mm.benchmark import main
 from recbole_mm.benchmark.plan import Entry, Run, Suite, build_config
 from recbole_mm.benchmark.report import summarise
@@ -77,12 +78,10 @@ def test_run_without_cold_items_has_no_warm_or_cold_columns(planted, tmp_path):
 
 
 def _fake_row(label, seed, cold_recall):
-    """A finished run's CSV row as the worker writes it, with made-up values."""
-    return {"label": label, "model": label, "seed": seed, "config_hash": "h", "split_hash": "s", "device": "cpu",
-            "best_epoch": 1, "epochs_run": 2, "train_s_per_epoch": 1.0, "inference_s": 0.1, "peak_rss_mb": 500.0,
-            "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5, "valid_recall@20": 0.3,
-            "test_recall@20": 0.3, "cold_items": 24, "warm_targets": 250, "cold_targets": 50,
-            "warm_recall@20": 0.35, "cold_recall@20": cold_recall}
+    """A finished cold-start run's CSV row as the worker writes it, with made-up values."""
+    return result_row(label, seed, peak_rss_mb=500.0, **{"valid_recall@20": 0.3, "test_recall@20": 0.3,
+                      "cold_items": 24, "warm_targets": 250, "cold_targets": 50, "warm_recall@20": 0.35,
+                      "cold_recall@20": cold_recall})
 
 
 def test_summary_tests_cold_metrics_over_seeds(tmp_path):
