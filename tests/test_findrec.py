@@ -106,6 +106,28 @@ def test_iicm_entropy_terms():
     with pytest.raises(ValueError, match="iicm_entropy"):
         IICMLoss(entropy="mmd")
 
+def test_iicm_adaptive_alignment_rewards_shrinking_unless_views_are_normalised():
+    """With the per-batch (detached) bandwidth, a descent step on the alignment shrinks every
+    view, and the next batch's bandwidth shrinks with them: the pull never ends. Normalised
+    views make the loss scale-free: the same value at any scale, no radial gradient."""
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(64, 8, generator=g) * 5, torch.randn(64, 8, generator=g) * 5]
+    raw = [v.clone().requires_grad_(True) for v in views]
+    IICMLoss(entropy=None)(raw, [(0, 1)]).backward()
+    assert all(((v * v.grad).sum(1) > 0).float().mean() > 0.9 for v in raw)  # descent points inwards
+
+    loss = IICMLoss(entropy="stein", entropy_weight=0.3, normalize=True)
+    scaled = [v.clone().requires_grad_(True) for v in views]
+    value = loss(scaled, [(0, 1)])
+    assert value.item() == pytest.approx(loss([0.01 * v for v in views], [(0, 1)]).item(), rel=1e-5)
+    assert value.item() != pytest.approx(IICMLoss(entropy="stein", entropy_weight=0.3)(views, [(0, 1)]).item(), rel=1e-3)
+    value.backward()
+    for v in scaled:
+        radial = (v * v.grad).sum(1) / v.norm(dim=1)
+        assert radial.abs().max() < 1e-6 * v.grad.norm(dim=1).max() * 100
+        assert v.grad.norm() > 0
+
+
 # ------------------------------------------------------------------ cross-modal attention and routing
 
 

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from recbole_mm.model.loss.kernels import (gaussian_kernel_from_sq_dists, median_bandwidth,
                                            paired_gaussian_kernel, pairwise_sq_dists)
@@ -78,16 +79,21 @@ class IICMLoss(nn.Module):
         entropy_weight: weight of the entropy term.
         sigma: fixed kernel bandwidth (``iicm_sigma``); ``None`` = adaptive.
         stein_eta: ridge of the Stein estimator.
+        normalize: L2-normalise each view before both parts (``iicm_normalize``), which makes the
+            loss blind to the views' scale. Without it, the adaptive bandwidth lets the alignment
+            lower its loss by shrinking every view at once (the bandwidth is re-measured on the
+            next batch, so the pull never ends), which the entropy term alone must hold back
+            (docs/design.md §findrec). The ``kl`` term acts on the posteriors, unnormalised.
     """
 
     def __init__(self, entropy: Optional[str] = "stein", entropy_weight: float = 1.0,
-                 sigma: Optional[float] = None, stein_eta: float = 0.1):
+                 sigma: Optional[float] = None, stein_eta: float = 0.1, normalize: bool = False):
         super().__init__()
         if entropy is not None and entropy not in ENTROPY_TERMS:
             raise ValueError(f"iicm_entropy must be one of {ENTROPY_TERMS}, got {entropy!r}")
         if sigma is not None and sigma <= 0:
             raise ValueError(f"iicm_sigma must be positive or None, got {sigma}")
-        self.entropy, self.entropy_weight, self.sigma = entropy, entropy_weight, sigma
+        self.entropy, self.entropy_weight, self.sigma, self.normalize = entropy, entropy_weight, sigma, normalize
         self.stein = SteinEntropy(stein_eta) if entropy == "stein" else None
 
     def alignment(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,8 @@ class IICMLoss(nn.Module):
         ``views[m]: [B, d]`` (row ``b`` = the same sequence in every view); ``pairs`` index the
         views to align; ``posteriors[m] = (mu, logvar)`` of each view, needed for ``kl``."""
         parts = {}
+        if self.normalize:
+            views = [F.normalize(z, dim=-1) for z in views]
         if pairs:
             parts["align"] = sum(self.alignment(views[i], views[j]) for i, j in pairs) / len(pairs)
         if self.entropy == "stein":
