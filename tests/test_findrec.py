@@ -128,6 +128,27 @@ def test_iicm_adaptive_alignment_rewards_shrinking_unless_views_are_normalised()
         assert v.grad.norm() > 0
 
 
+def test_iicm_attached_bandwidth_is_blind_to_contracting_the_batch():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(32, 6, generator=g), torch.randn(32, 6, generator=g) + 0.3
+    loss = IICMLoss(entropy=None, sigma_attached=True)
+    rms = torch.cdist(a, b).pow(2).mean().sqrt()  # all 32 x 32 cross pairs
+    expected = 1 - torch.exp(-(a - b).pow(2).sum(1) / (2 * rms**2)).mean()
+    torch.testing.assert_close(loss([a, b], [(0, 1)]), expected)
+    centre = torch.randn(6, generator=g)
+    contracted = [centre + 0.05 * (v - centre) for v in (a, b)]
+    torch.testing.assert_close(loss(contracted, [(0, 1)]), expected)
+    # no gradient along the contraction (Euler: d/dc L(m + c (z - m)) = 0), where the detached median pulls in
+    views = [v.clone().requires_grad_(True) for v in (a, b)]
+    loss(views, [(0, 1)]).backward()
+    assert abs(sum(((v - centre) * v.grad).sum() for v in views).item()) < 1e-6
+    detached = [v.clone().requires_grad_(True) for v in (a, b)]
+    IICMLoss(entropy=None)(detached, [(0, 1)]).backward()
+    assert sum(((v - centre) * v.grad).sum() for v in detached).item() > 1e-3
+    with pytest.raises(ValueError, match="iicm_sigma_attached"):
+        IICMLoss(sigma=1.0, sigma_attached=True)
+
+
 # ------------------------------------------------------------------ cross-modal attention and routing
 
 

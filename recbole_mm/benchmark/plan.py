@@ -61,7 +61,7 @@ HASH_IGNORED = frozenset({
 #: runs keep their key; other values hash as new
 HASH_NEUTRAL = {"iicm_share": None, "cold_negatives": True, "id_input": "id", "log_loss_terms": None,
                 "output_head": "ffn", "item_id_dropout": 0.0, "cold_item_neighbours": 0,
-                "iicm_normalize": False}
+                "iicm_normalize": False, "iicm_sigma_attached": False}
 #: keys that mean nothing unless another key is set: left out of the hash then (``cold_negatives``
 #: came after runs without cold items had finished, which keep their key)
 HASH_ONLY_WITH = {"cold_negatives": "cold_item_ratio"}

@@ -69,7 +69,7 @@ class IICMLoss(nn.Module):
 
     ``L_align(a, b) = 1 - mean_b K(z_a_b, z_b_b)`` with ``K = exp(-||x - y||^2 / (2 sigma^2))``
     (eq. 1). Eq. 2 writes the loss as ``E[K]``, whose minimisation would push the modalities
-    apart; the sign is flipped (docs/design.md §findrec). ``sigma`` is fixed, or adaptive: the median distance
+    apart; the sign is flipped (docs/design.md §findrec). ``sigma`` is fixed, attached (below) or adaptive: the median distance
     between the batch's ``z_a`` and ``z_b`` rows (all cross pairs), detached so the model cannot
     lower the loss by inflating the bandwidth.
 
@@ -84,20 +84,34 @@ class IICMLoss(nn.Module):
             lower its loss by shrinking every view at once (the bandwidth is re-measured on the
             next batch, so the pull never ends), which the entropy term alone must hold back
             (docs/design.md §findrec). The ``kl`` term acts on the posteriors, unnormalised.
+        sigma_attached: the bandwidth is the batch's root-mean-square ``z_a``-``z_b`` distance over
+            all cross pairs, kept in the graph (``iicm_sigma_attached``): the alignment is then the
+            same for ``z`` and ``c (z - m) + m`` (any scale ``c``, centre ``m``), so shrinking or
+            contracting the batch does not lower it; only pairs closer than the batch's typical
+            pair do. The median, detached, rewards both.
     """
 
     def __init__(self, entropy: Optional[str] = "stein", entropy_weight: float = 1.0,
-                 sigma: Optional[float] = None, stein_eta: float = 0.1, normalize: bool = False):
+                 sigma: Optional[float] = None, stein_eta: float = 0.1, normalize: bool = False,
+                 sigma_attached: bool = False):
         super().__init__()
         if entropy is not None and entropy not in ENTROPY_TERMS:
             raise ValueError(f"iicm_entropy must be one of {ENTROPY_TERMS}, got {entropy!r}")
         if sigma is not None and sigma <= 0:
             raise ValueError(f"iicm_sigma must be positive or None, got {sigma}")
+        if sigma is not None and sigma_attached:
+            raise ValueError("iicm_sigma_attached needs the adaptive bandwidth (iicm_sigma ~), got a fixed iicm_sigma")
+        self.sigma_attached = sigma_attached
         self.entropy, self.entropy_weight, self.sigma, self.normalize = entropy, entropy_weight, sigma, normalize
         self.stein = SteinEntropy(stein_eta) if entropy == "stein" else None
 
     def alignment(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma if self.sigma is not None else median_bandwidth(z_a, z_b)
+        if self.sigma_attached:
+            # mean_ij |a_i - b_j|^2 = mean|a|^2 + mean|b|^2 - 2 mean(a).mean(b), no [B, B] matrix
+            cross = z_a.pow(2).sum(-1).mean() + z_b.pow(2).sum(-1).mean() - 2.0 * z_a.mean(0) @ z_b.mean(0)
+            sigma = cross.clamp_min(1e-12).sqrt()
+        else:
+            sigma = self.sigma if self.sigma is not None else median_bandwidth(z_a, z_b)
         return 1.0 - paired_gaussian_kernel(z_a, z_b, sigma).mean()
 
     def terms(self, views: Sequence[torch.Tensor], pairs: Sequence[Tuple[int, int]],

@@ -114,7 +114,7 @@ class FindRec(SequentialRecommender):
     (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
     (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
-    ``iicm_normalize`` (false), ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
+    ``iicm_normalize`` (false), ``iicm_sigma_attached`` (false), ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
     the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
     ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused|summed), ``output_head`` (ffn|residual); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
@@ -181,7 +181,8 @@ class FindRec(SequentialRecommender):
         self.moes = nn.ModuleList(CrossModalMoE(align, n_heads, config["n_experts"], dropout, use_moe)
                                   for _ in range(max(len(self.pairs), 1)))
         self.iicm = IICMLoss(entropy, config["entropy_weight"], config["iicm_sigma"],
-                             config["stein_eta"], config["iicm_normalize"]) if use_iicm else None
+                             config["stein_eta"], config["iicm_normalize"],
+                             config["iicm_sigma_attached"]) if use_iicm else None
         # iicm_share: IICM's weight follows the CE's gradient so IICM keeps its share all through
         # training (docs/design.md §findrec); iicm_weight is then the first step's weight
         self.iicm_share = None
