@@ -16,6 +16,8 @@ from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
 
+from conftest import load_benchmark_script
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -685,3 +687,34 @@ def test_ce_item_chunk_gives_the_same_loss_terms_and_gradients(planted3, feature
         trainer._use_chunked_ce(train, 7)
     assert "FindRec computes its cross-entropy in slices of 7 items" in caplog.text
     assert "calculate_loss" not in vars(model)
+
+
+def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted3):
+    from recbole_mm.registry import get_model, get_trainer
+
+    script = load_benchmark_script("findrec_view_probe")
+    stats = script.view_stats([torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])])
+    assert stats["norm"] == pytest.approx(2.0)
+    assert stats["spread"] == pytest.approx(math.sqrt(2))  # median of the pairwise distances 0, 0, 1.41 x 4
+    assert stats["direction"] == pytest.approx(math.sqrt(5) / 3)
+
+    config, train, valid, test = _prepare(planted3, epochs=1)
+    model = get_model("FindRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    model.eval()
+    batch = next(iter(train))
+    seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        out, views, _ = model._encode(seq, lengths)
+        with script.flattened_streams(model):
+            flat_out, flat_views, _ = model._encode(seq, lengths)
+        again = model._encode(seq, lengths)[0]
+    assert all(torch.equal(v, v[:1].expand_as(v)) and not torch.equal(w, w[:1].expand_as(w))
+               for v, w in zip(flat_views, views))
+    assert not torch.allclose(flat_out, out) and torch.equal(again, out)  # the streams reach the output; restored
+
+    row = script.probe(trainer.saved_model_file)
+    assert row["valid"] == pytest.approx(trainer.best_valid_score) and row["valid_flat"] != row["valid"]
+    assert (row["init_spread"], row["init_direction"]) != (row["spread"], row["direction"])  # weights reset
+    assert "| streams flattened |" in script.report(["a"], [row])
