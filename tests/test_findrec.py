@@ -703,8 +703,12 @@ def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted
     trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     model.eval()
+    # several length groups (no overhead to merge them): per-group means would still differ between groups
+    model.length_groups, model.group_overhead = True, 0
     batch = next(iter(train))
     seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    from recbole_mm.model.layers.length_groups import length_groups
+    assert len(length_groups(lengths, 0)) > 1
     with torch.no_grad():
         out, views, _ = model._encode(seq, lengths)
         with script.flattened_streams(model):
@@ -713,6 +717,7 @@ def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted
     assert all(torch.equal(v, v[:1].expand_as(v)) and not torch.equal(w, w[:1].expand_as(w))
                for v, w in zip(flat_views, views))
     assert not torch.allclose(flat_out, out) and torch.equal(again, out)  # the streams reach the output; restored
+    assert model.length_groups is True
 
     row = script.probe(trainer.saved_model_file)
     assert row["valid"] == pytest.approx(trainer.best_valid_score) and row["valid_flat"] != row["valid"]
