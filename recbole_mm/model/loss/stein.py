@@ -69,9 +69,10 @@ class IICMLoss(nn.Module):
 
     ``L_align(a, b) = 1 - mean_b K(z_a_b, z_b_b)`` with ``K = exp(-||x - y||^2 / (2 sigma^2))``
     (eq. 1). Eq. 2 writes the loss as ``E[K]``, whose minimisation would push the modalities
-    apart; the sign is flipped (docs/design.md §findrec). ``sigma`` is fixed, attached (below) or adaptive: the median distance
-    between the batch's ``z_a`` and ``z_b`` rows (all cross pairs), detached so the model cannot
-    lower the loss by inflating the bandwidth.
+    apart; the sign is flipped (docs/design.md §findrec). ``sigma`` is fixed, attached (below) or
+    adaptive: the median distance between the batch's ``z_a`` and ``z_b`` rows (all cross pairs),
+    detached so the model cannot lower the loss by inflating the bandwidth; re-measured every batch,
+    it rewards shrinking the views instead (``normalize`` and ``sigma_attached`` below).
 
     Args:
         entropy: ``"stein"`` (:class:`SteinEntropy` on each view), ``"kl"`` (KL of each view's
@@ -101,8 +102,8 @@ class IICMLoss(nn.Module):
             raise ValueError(f"iicm_sigma must be positive or None, got {sigma}")
         if sigma is not None and sigma_attached:
             raise ValueError("iicm_sigma_attached needs the adaptive bandwidth (iicm_sigma ~), got a fixed iicm_sigma")
-        self.sigma_attached = sigma_attached
-        self.entropy, self.entropy_weight, self.sigma, self.normalize = entropy, entropy_weight, sigma, normalize
+        self.entropy, self.entropy_weight, self.sigma = entropy, entropy_weight, sigma
+        self.normalize, self.sigma_attached = normalize, sigma_attached
         self.stein = SteinEntropy(stein_eta) if entropy == "stein" else None
 
     def alignment(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:

@@ -114,8 +114,9 @@ class FindRec(SequentialRecommender):
     (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
     (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
-    ``iicm_normalize`` (false), ``iicm_sigma_attached`` (false), ``iicm_share`` (~: a fixed ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of
-    the CE's, :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
+    ``iicm_normalize`` (false), ``iicm_sigma_attached`` (false), ``iicm_share`` (~: a fixed
+    ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of the CE's,
+    :class:`~recbole_mm.model.loss.gradient_share.GradientShare`),
     ``cross_pairs``, ``feature_logits`` (false), ``id_input`` (id|fused|summed), ``output_head`` (ffn|residual); switches ``use_cross_attn``, ``use_iicm``, ``use_moe``,
     ``use_entropy``.
     """
