@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """An allowed value: ``kind`` is ``int``, ``float``, ``list`` or ``str``; numbers lie in
+    """An allowed value: ``kind`` is ``int``, ``float``, ``list``, ``str`` or ``bool``; numbers lie in
     ``[low, high]`` (``high_open``: ``[low, high)``; ``low_open``: ``(low, high]``); for lists,
     ``item`` checks every element and ``distinct`` forbids repeats; a string is one of ``choices``."""
 
@@ -61,6 +61,8 @@ class Rule:
     choices: Tuple[str, ...] = ()
 
     def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
         if self.kind is str:
             return "one of " + ", ".join(map(repr, self.choices))
         if self.kind is list:
@@ -75,6 +77,8 @@ class Rule:
         return name
 
     def accepts(self, value) -> bool:
+        if self.kind is bool:  # a switch: "yes" or 1 would pass as true where a typo was meant
+            return isinstance(value, bool)
         if self.kind is str:
             return value in self.choices
         if self.kind is list:
@@ -98,6 +102,7 @@ POSITIVE = Rule(float, low=0, low_open=True)
 NON_NEGATIVE = Rule(float, low=0)
 PROBABILITY = Rule(float, low=0, high=1, high_open=True)  # dropout rates: 1 would drop everything
 FRACTION = Rule(float, low=0, high=1)
+SWITCH = Rule(bool)
 DISTINCT_NAMES = Rule(list, distinct=True)
 
 #: rules for keys of any model (RecBole's and ours): applied whenever the key is set
@@ -125,6 +130,8 @@ MODEL_RULES: Dict[str, Dict[str, Rule]] = {
     "FindRec": {
         "iicm_weight": NON_NEGATIVE, "iicm_share": POSITIVE, "entropy_weight": NON_NEGATIVE, "moe_balance_weight": NON_NEGATIVE,
         "iicm_sigma": POSITIVE, "stein_eta": POSITIVE, "warmup_steps": NON_NEGATIVE_INT,
+        **{key: SWITCH for key in ("use_cross_attn", "use_iicm", "use_moe", "use_entropy", "feature_logits",
+                                   "iicm_normalize", "iicm_sigma_attached")},
     },
     "MGCN": _MGCN_RULES,
     "MambaRec": {
