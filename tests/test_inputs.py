@@ -85,6 +85,8 @@ def test_help_lists_key_value_and_benchmark(capsys):
     ("BPR", "cold_item_ratio", 1.0, r"a number in \(0, 1\)"),
     ("FindRec", "iicm_normalize", "yes", "true or false"),
     ("FindRec", "use_iicm", 0, "true or false"),
+    ("MambaRec", "use_dream", "no", "true or false"),
+    ("BPR", "cold_negatives", 1, "true or false"),
 ])
 def test_out_of_range_value_names_key_value_and_range(model, key, value, allowed):
     with pytest.raises(ConfigError, match=re.escape(f"{key} = {value!r}: expected ") + allowed):

@@ -11,7 +11,8 @@ Two checks, both in this one table-driven module (``docs/design.md`` §config-va
   see :meth:`recbole_mm.config.Config._load_cmd_line`). Anything not written ``--key=value``
   (``--epochs 1``) is an error too: RecBole would only warn that it "will not be used".
 * :func:`check_values` — run on every ``Config`` once its layers are merged: each key of
-  :data:`RULES` (any model) or :data:`MODEL_RULES` (one model) present with a value other than
+  :data:`RULES` (any model), :data:`MODEL_RULES` (one model) or :func:`declared_switches` (keys
+  our YAML files declare ``(bool)``: true or false) present with a value other than
   ``None`` must have the type and range the table gives; otherwise :class:`ConfigError` names
   each offending key, its value and the allowed range. ``None`` means "the model's automatic
   choice" wherever a YAML default is ``~``.
@@ -22,6 +23,7 @@ models, the benchmark's tiny settings): those are RecBole's to ignore, as they a
 
 import logging
 import numbers
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -130,8 +132,6 @@ MODEL_RULES: Dict[str, Dict[str, Rule]] = {
     "FindRec": {
         "iicm_weight": NON_NEGATIVE, "iicm_share": POSITIVE, "entropy_weight": NON_NEGATIVE, "moe_balance_weight": NON_NEGATIVE,
         "iicm_sigma": POSITIVE, "stein_eta": POSITIVE, "warmup_steps": NON_NEGATIVE_INT,
-        **{key: SWITCH for key in ("use_cross_attn", "use_iicm", "use_moe", "use_entropy", "feature_logits",
-                                   "iicm_normalize", "iicm_sigma_attached")},
     },
     "MGCN": _MGCN_RULES,
     "MambaRec": {
@@ -149,10 +149,26 @@ UNUSUAL: Dict[str, tuple] = {
 }
 
 
+#: a YAML line that declares its key a switch: ``key: false   # (bool) ...``
+_SWITCH_LINE = re.compile(r"^([A-Za-z_]\w*):[^#]*#\s*\(bool\)")
+
+
+@lru_cache(maxsize=None)
+def declared_switches(model: str) -> frozenset:
+    """Keys that our ``properties/overall.yaml`` or the model's file declares ``(bool)`` in its
+    comment: each must be true or false (:data:`SWITCH`), so no list here repeats the YAML."""
+    ours = properties_dir()
+    keys = set()
+    for file in (ours / "overall.yaml", ours / "model" / f"{model}.yaml"):
+        if file.is_file():
+            keys.update(m.group(1) for m in map(_SWITCH_LINE.match, file.read_text(encoding="utf-8").splitlines()) if m)
+    return frozenset(keys)
+
+
 def check_values(config_dict, model: str) -> None:
     """Raise :class:`ConfigError` listing every key whose value breaks its rule; log a warning
     for each :data:`UNUSUAL` value."""
-    rules = {**RULES, **MODEL_RULES.get(model, {})}
+    rules = {**RULES, **{key: SWITCH for key in declared_switches(model)}, **MODEL_RULES.get(model, {})}
     problems = [f"{key} = {config_dict[key]!r}: expected {rule.describe()}"
                 for key, rule in rules.items()
                 if config_dict.get(key) is not None and not rule.accepts(config_dict[key])]
