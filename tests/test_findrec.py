@@ -12,6 +12,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
+from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead, length_groups
 from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
@@ -309,7 +310,6 @@ def test_later_and_padding_items_do_not_change_the_representation(planted3):
 def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
     # computing only the real positions (groups of similar length, each cut to its longest
     # sequence) must equal the computation over the padded batch: loss and every gradient
-    from recbole_mm.model.layers.length_groups import length_groups
 
     model, train = _model(planted3, dropout_prob=0.0)
     model.to(dtype).train()
@@ -331,7 +331,6 @@ def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
 
 
 def test_length_groups_cut_where_padding_outweighs_a_call():
-    from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead, length_groups
 
     assert (group_overhead(256), group_overhead(64), group_overhead(4096)) == (32, 512, 8)
 
@@ -707,7 +706,6 @@ def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted
     model.length_groups, model.group_overhead = True, 0
     batch = next(iter(train))
     seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-    from recbole_mm.model.layers.length_groups import length_groups
     assert len(length_groups(lengths, 0)) > 1
     with torch.no_grad():
         out, views, _ = model._encode(seq, lengths)
