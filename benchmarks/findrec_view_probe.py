@@ -36,23 +36,21 @@ from recbole_mm.model.loss.kernels import median_bandwidth  # noqa: E402
 @contextlib.contextmanager
 def flattened_streams(model):
     """Inside the block, each modality stream's states and last states are their mean over the
-    batch's real positions / rows: the same vector for every sequence. Length groups are off
-    inside (their per-group means would still tell sequences of different lengths apart)."""
-    streams, groups = model._streams, model.length_groups
+    batch's real positions / rows: the same vector for every sequence."""
+    streams = model._streams
 
-    def flat(item_seq, item_seq_len):
-        z_id, views, posteriors, states, masks = streams(item_seq, item_seq_len)
-        real = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len[:, None]
+    def flat(item_seq, packing):
+        z_id, views, posteriors, states, masks = streams(item_seq, packing)
+        real = torch.arange(packing.width, device=item_seq.device) < packing.lengths[:, None]
         states = [s.new_zeros(s.shape) + s[real].mean(0) for s in states]
         views = [v.new_zeros(v.shape) + v.mean(0) for v in views]
         return z_id, views, posteriors, states, masks
 
-    model._streams, model.length_groups = flat, False
+    model._streams = flat
     try:
         yield model
     finally:
         del model._streams  # back to the class's method
-        model.length_groups = groups
 
 
 def view_stats(views: List[torch.Tensor]) -> Dict[str, float]:

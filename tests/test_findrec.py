@@ -12,7 +12,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
-from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead, length_groups
+from recbole_mm.model.layers.packing import Packing
 from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
@@ -307,18 +307,19 @@ def test_later_and_padding_items_do_not_change_the_representation(planted3):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
-    # computing only the real positions (groups of similar length, each cut to its longest
-    # sequence) must equal the computation over the padded batch: loss and every gradient
+def test_packed_positions_give_the_padded_loss_and_gradients(planted3, dtype):
+    # computing only the real positions (packed end to end; float32 runs the compiled scan on
+    # them, float64 the step loop on the unpacked batch) must equal the computation over the
+    # padded batch: loss and every gradient
 
     model, train = _model(planted3, dropout_prob=0.0)
     model.to(dtype).train()
     batch = next(iter(train))
     lengths = batch[model.ITEM_SEQ_LEN]
-    assert len(length_groups(lengths)) > 1 and lengths.max() < batch[model.ITEM_SEQ].shape[1]
+    assert len(set(lengths.tolist())) > 3 and lengths.max() < batch[model.ITEM_SEQ].shape[1]
     results = []
-    for grouped in (True, False):
-        model.length_groups = grouped
+    for packed in (True, False):
+        model.length_groups = packed
         model.zero_grad()
         loss = sum(model.calculate_loss(batch))
         loss.backward()
@@ -330,27 +331,24 @@ def test_length_groups_give_the_padded_loss_and_gradients(planted3, dtype):
         torch.testing.assert_close(grads_g[name], grads_p[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
-def test_length_groups_cut_where_padding_outweighs_a_call():
-
-    assert (group_overhead(256), group_overhead(64), group_overhead(4096)) == (32, 512, 8)
-
-    lengths = torch.tensor([3, 50, 2, 3, 49, 2])
-    groups = length_groups(lengths, overhead=10)
-    assert [sorted(g.tolist()) for g in groups] == [[0, 2, 3, 5], [1, 4]]  # 4 x 3 + 2 x 50 + 2 x 10
-    assert len(length_groups(lengths, overhead=1000)) == 1
-    assert len(length_groups(torch.tensor([1, 2, 3]), overhead=0)) == 3
-    seq = torch.arange(6 * 50).view(6, 50)
-    cut = LengthGroups(lengths, overhead=10)
-    widths = [s.shape[1] for s, _ in cut.inputs(seq, lengths)]
-    assert widths == [3, 50]
-    merged = cut.merge([(s[:, 0], [torch.full_like(n, s.shape[1])]) for s, n in cut.inputs(seq, lengths)])
-    assert merged[0].tolist() == seq[:, 0].tolist() and merged[1][0].tolist() == [3, 50, 3, 3, 50, 3]
-    assert [x.tolist() for x in cut.split(seq[:, 0])] == [seq[g, 0].tolist() for g in groups]
-    whole = LengthGroups(lengths, enabled=False)
-    assert [s.shape[1] for s, _ in whole.inputs(seq, lengths)] == [50] and whole.merge([seq]) is seq
-    # off the CPU (here the meta device, standing for a GPU) the batch stays one padded group
-    elsewhere = LengthGroups(lengths.to("meta"), overhead=10)
-    assert not elsewhere.enabled and elsewhere.groups == [None] and elsewhere.merge([seq]) is seq
+def test_packing_keeps_the_real_positions_in_batch_order():
+    lengths = torch.tensor([3, 1, 4])
+    seq = torch.arange(1, 19).view(3, 6)  # right-padded to 6
+    packing = Packing(lengths, 6)
+    assert packing.layout is packing and packing.width == 4
+    assert packing.pack(seq).tolist() == [1, 2, 3, 7, 13, 14, 15, 16]
+    assert packing.offsets.tolist() == [0, 3, 4, 8] and packing.position.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert packing.last(packing.pack(seq)).tolist() == [3, 7, 16]
+    rows = packing.pack(seq).double().requires_grad_()
+    unpacked = packing.unpack(rows)
+    assert unpacked.tolist() == [[1, 2, 3, 0], [7, 0, 0, 0], [13, 14, 15, 16]]
+    unpacked.sum().backward()
+    assert rows.grad.tolist() == [1.0] * 8  # differentiable
+    # disabled, or off the CPU (the meta device standing for a GPU): the padded batch as it is
+    for padded in (Packing(lengths, 6, enabled=False), Packing(lengths.to("meta"), 6)):
+        assert padded.layout is None and padded.width == 6
+    padded = Packing(lengths, 6, enabled=False)
+    assert padded.pack(seq) is seq and padded.unpack(seq) is seq and padded.last(seq).tolist() == [3, 7, 16]
 
 
 @pytest.mark.parametrize("feature_logits", [False, True])
@@ -401,7 +399,7 @@ def test_residual_output_head_adds_the_id_state(planted3):
     model.eval(), ffn_model.eval()
     batch = next(iter(train))[:8]
     seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-    z_id = model._streams(seq, lengths)[0]
+    z_id = model._streams(seq, Packing(lengths, seq.shape[1]))[0]
     torch.testing.assert_close(model(seq, lengths), z_id + ffn_model(seq, lengths))
     model.train()
     sum(model.calculate_loss(next(iter(train)))).backward()
@@ -424,9 +422,9 @@ def test_fused_id_input_reads_the_features_in_the_id_stream(planted3):
         model.eval()
         batch = next(iter(train))[:8]
         seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-        z_id = model._streams(seq, lengths)[0]
+        z_id = model._streams(seq, Packing(lengths, seq.shape[1]))[0]
         model.streams[0].features[seq[0, 0]] += 1.0
-        moved = model._streams(seq, lengths)[0]
+        moved = model._streams(seq, Packing(lengths, seq.shape[1]))[0]
         assert torch.allclose(moved[1:][(seq[1:] != seq[0, 0]).all(1)], z_id[1:][(seq[1:] != seq[0, 0]).all(1)])
         assert torch.allclose(moved[0], z_id[0]) == (id_input == "id")
     model.train()
@@ -448,14 +446,15 @@ def test_summed_id_input_reads_the_candidates_vectors(planted3):
     seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
     inputs = []
     model.id_encoder.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
-    z_id = model._streams(seq, lengths)[0]
-    torch.testing.assert_close(inputs[-1], model.item_tower(seq))
+    packing = Packing(lengths, seq.shape[1])
+    z_id = model._streams(seq, packing)[0]
+    torch.testing.assert_close(inputs[-1], model.item_tower(packing.pack(seq)))  # the real positions
     item = seq[0, 0]
     before = model.item_table()[item].clone()
     model.item_tower.projection.maps[0].weight.data += 0.5
-    moved = model._streams(seq, lengths)[0]
+    moved = model._streams(seq, packing)[0]
     assert not torch.allclose(moved[0], z_id[0])
-    torch.testing.assert_close(inputs[-1], model.item_tower(seq))
+    torch.testing.assert_close(inputs[-1], model.item_tower(packing.pack(seq)))
     assert not torch.allclose(model.item_table()[item], before)
     model.train()
     sum(model.calculate_loss(next(iter(train)))).backward()
@@ -702,11 +701,9 @@ def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted
     trainer = get_trainer(config["MODEL_TYPE"], "FindRec")(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     model.eval()
-    # several length groups (no overhead to merge them): per-group means would still differ between groups
-    model.length_groups, model.group_overhead = True, 0
+    assert model.length_groups is True  # packed: the means run over the real positions only
     batch = next(iter(train))
     seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-    assert len(length_groups(lengths, 0)) > 1
     with torch.no_grad():
         out, views, _ = model._encode(seq, lengths)
         with script.flattened_streams(model):
@@ -715,7 +712,6 @@ def test_view_probe_flattens_the_modality_streams_and_reads_a_checkpoint(planted
     assert all(torch.equal(v, v[:1].expand_as(v)) and not torch.equal(w, w[:1].expand_as(w))
                for v, w in zip(flat_views, views))
     assert not torch.allclose(flat_out, out) and torch.equal(again, out)  # the streams reach the output; restored
-    assert model.length_groups is True
 
     row = script.probe(trainer.saved_model_file)
     assert row["valid"] == pytest.approx(trainer.best_valid_score) and row["valid_flat"] != row["valid"]

@@ -11,6 +11,7 @@ from recbole_mm.model.layers import mamba as mamba_mod
 from recbole_mm.model.layers import compiled, scan_kernel
 from recbole_mm.model.layers.mamba import (Mamba, MambaBackendError, MambaEncoder, selective_scan,
                                            selective_scan_reference)
+from recbole_mm.model.layers.packing import Packing
 
 # mamba_ssm.Mamba(d_model=16) (expand 2, d_state 16, d_conv 4): names and shapes from its source
 MAMBA_SSM_LAYOUT_D16 = {
@@ -185,6 +186,38 @@ def test_compiled_scan_equals_the_torch_scan_forward_and_backward():
     torch.testing.assert_close(y_k, y_t, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["u", "delta", "A", "B", "C", "D"], g_k, g_t):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernel), False], ids=["kernel", "step-loop"])
+def test_packed_rows_give_the_padded_result(kernel):
+    # sequences of lengths 4, 1, 6 packed end to end: the Mamba mixer (its convolution must not
+    # reach into the previous sequence, its scan must restart at each sequence) equals the padded
+    # batch at the real positions, output and gradients; 2 threads over 3 sequences so the
+    # kernel's slicing by sequence is exercised
+    dtype = torch.float32 if kernel else torch.float64
+    torch.manual_seed(0)
+    mixer = Mamba(8, d_state=4, backend="torch").to(dtype)
+    lengths = torch.tensor([4, 1, 6])
+    x = torch.randn(3, 7, 8, dtype=dtype)  # right-padded to 7
+    packing = Packing(lengths, 7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        padded = packing.pack(mixer(x))
+        params = list(mixer.parameters())
+        g_padded = torch.autograd.grad(padded.square().sum(), params)
+        packed = mixer(packing.pack(x), packing)
+        g_packed = torch.autograd.grad(packed.square().sum(), params)
+    finally:
+        torch.set_num_threads(threads)
+    assert packed.shape == (11, 8) and mamba_mod.kernel_runs_on(packed) == kernel
+    tol = dict(rtol=1e-5, atol=1e-5) if kernel else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(packed, padded, **tol)
+    for (name, _), a, b in zip(mixer.named_parameters(), g_packed, g_padded):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    # the same sequences without their neighbours: nothing crosses a sequence boundary
+    alone = mixer(x[2:, :6])[0]
+    torch.testing.assert_close(packed[5:], alone, **tol)
 
 
 def test_compiled_scan_is_chosen_only_where_it_runs(monkeypatch):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from recbole_mm.model.layers import scan_kernel
 from recbole_mm.model.layers.blocks import row_blocks
 from recbole_mm.model.layers.dropout import Dropout
+from recbole_mm.model.layers.packing import Packing
 
 BACKENDS = ("auto", "cuda", "torch")
 
@@ -96,11 +97,11 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, use_kernel):
-        ctx.use_kernel = use_kernel
+    def forward(ctx, u, delta, A, B, C, D, use_kernel, offsets):
+        ctx.use_kernel, ctx.offsets = use_kernel, offsets
         ctx.save_for_backward(u, delta, A, B, C, D)
         if use_kernel:
-            return scan_kernel.forward(*(x.contiguous() for x in (u, delta, A, B, C))) + u * D
+            return scan_kernel.forward(*(x.contiguous() for x in (u, delta, A, B, C)), offsets=offsets) + u * D
         u_t, delta_t, B_t, C_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C))
         y = torch.empty_like(u_t)
         for rows in _batch_blocks(u_t.shape, A.shape[1], u.device):
@@ -112,10 +113,11 @@ class _SelectiveScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         u, delta, A, B, C, D = ctx.saved_tensors
-        d_D = (dy * u).sum((0, 1))
+        d_D = (dy * u).reshape(-1, u.shape[-1]).sum(0)
         if ctx.use_kernel:
-            d_u, d_delta, d_A, d_B, d_C = scan_kernel.backward(*(x.contiguous() for x in (u, delta, A, B, C, dy)))
-            return d_u.addcmul_(dy, D), d_delta, d_A, d_B, d_C, d_D, None
+            d_u, d_delta, d_A, d_B, d_C = scan_kernel.backward(*(x.contiguous() for x in (u, delta, A, B, C, dy)),
+                                                               offsets=ctx.offsets)
+            return d_u.addcmul_(dy, D), d_delta, d_A, d_B, d_C, d_D, None, None
         u_t, delta_t, B_t, C_t, dy_t = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C, dy))
         d_u, d_delta, d_B, d_C = (torch.empty_like(x) for x in (u_t, delta_t, B_t, C_t))
         d_A = torch.zeros_like(A)
@@ -137,7 +139,7 @@ class _SelectiveScan(torch.autograd.Function):
             d_delta[1:, rows] += d_dA.mul_(A).sum(-1)
         d_u.addcmul_(dy_t, D)
         return (d_u.transpose(0, 1), d_delta.transpose(0, 1), d_A, d_B.transpose(0, 1),
-                d_C.transpose(0, 1), d_D, None)
+                d_C.transpose(0, 1), d_D, None, None)
 
 
 def _batch_blocks(shape, d_state, device):
@@ -153,11 +155,14 @@ def kernel_runs_on(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and scan_kernel.available()
 
 
-def selective_scan(u, delta, A, B, C, D, kernel: Optional[bool] = None):
+def selective_scan(u, delta, A, B, C, D, kernel: Optional[bool] = None, packing: Optional[Packing] = None):
     """Selective scan ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``.
 
     Shapes: ``u, delta: [b, l, d]`` (``delta`` after softplus), ``A: [d, n]`` (negative),
-    ``B, C: [b, l, n]``, ``D: [d]``; returns ``y: [b, l, d]`` (before the ``silu(z)`` gate).
+    ``B, C: [b, l, n]``, ``D: [d]``; returns ``y: [b, l, d]`` (before the ``silu(z)`` gate). With
+    ``packing`` (:class:`~recbole_mm.model.layers.packing.Packing`) ``u, delta, B, C`` and ``y`` are
+    packed rows ``[N, .]``: the kernel scans each sequence at its own length; the step loop runs on
+    the padded batch, unpacked and packed again.
 
     ``kernel`` (default: :func:`kernel_runs_on`) runs the compiled CPU kernel of
     :mod:`~recbole_mm.model.layers.scan_kernel`; otherwise a step loop over time with a
@@ -194,7 +199,10 @@ def selective_scan(u, delta, A, B, C, D, kernel: Optional[bool] = None):
     elif kernel and not kernel_runs_on(u):
         raise RuntimeError(f"the compiled scan takes float32 CPU tensors and a built kernel "
                            f"({scan_kernel.load()[1] or f'got {u.dtype} on {u.device}'})")
-    return _SelectiveScan.apply(u, delta, A, B, C, D, kernel)
+    if packing is not None and not kernel:
+        u, delta, B, C = (packing.unpack(x) for x in (u, delta, B, C))
+        return packing.pack(_SelectiveScan.apply(u, delta, A, B, C, D, False, None))
+    return _SelectiveScan.apply(u, delta, A, B, C, D, kernel, None if packing is None else packing.offsets)
 
 
 def selective_scan_reference(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
@@ -218,18 +226,24 @@ def selective_scan_reference(u, delta, A, B, C, D, z=None, delta_bias=None, delt
     return y if z is None else y * F.silu(z)
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          packing: Optional[Packing] = None) -> torch.Tensor:
     """``conv1d`` of ``mamba_ssm.Mamba`` (depthwise, width ``k``, left-padded so output ``t`` sees
-    inputs ``t-k+1..t``) on ``x: [b, l, d]`` with ``weight: [d, 1, k]``, ``bias: [d]``.
+    inputs ``t-k+1..t``) on ``x: [b, l, d]`` with ``weight: [d, 1, k]``, ``bias: [d]``; with
+    ``packing``, on packed rows ``x: [N, d]``, where a row ``s < k`` positions into its sequence
+    sees zeros, not the previous sequence, ``s`` rows back.
 
     Written as ``k`` shifted multiply-adds in the ``[b, l, d]`` layout: on a CPU that costs less
     than a depthwise ``nn.Conv1d`` and its backward plus the two transposes around it."""
-    length, width = x.shape[1], weight.shape[-1]
+    length, width = x.shape[-2], weight.shape[-1]
     padded = F.pad(x, (0, 0, width - 1, 0))
     w = weight[:, 0, :]
-    out = torch.addcmul(bias, padded[:, :length], w[:, 0])
-    for k in range(1, width):
-        out = torch.addcmul(out, padded[:, k:k + length], w[:, k])
+    out = bias
+    for k in range(width):
+        term, shift = padded[..., k:k + length, :], width - 1 - k
+        if packing is not None and shift:
+            term = term * (packing.position >= shift).unsqueeze(-1).to(x.dtype)
+        out = torch.addcmul(out, term, w[:, k])
     return out
 
 
@@ -296,19 +310,22 @@ class Mamba(nn.Module):
         _log_backend_once(f"Mamba backend: torch ({_torch_scan_name(x)}); cuda not used: {why}.")
         return False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [b, l, d_model] -> [b, l, d_model]``, causal in ``l``."""
+    def forward(self, x: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
+        """``x: [b, l, d_model] -> [b, l, d_model]``, causal in ``l``; with ``packing``, packed rows
+        ``[N, d_model] -> [N, d_model]`` (CPU only)."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # [b, l, d_inner] each
-        u = F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
+        u = F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, packing))
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         if self._use_cuda_kernel(x):  # the kernel wants [b, d, l] / [b, n, l] and fuses bias, softplus, gate
+            if packing is not None:
+                raise ValueError("mamba_ssm's kernel takes padded batches: packing is for CPUs only")
             y = self._scan_cuda(u.transpose(1, 2), (dt @ self.dt_proj.weight.t()).transpose(1, 2), A,
                                 B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
                                 self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
                                 delta_softplus=True).transpose(1, 2)
         else:
-            y = selective_scan(u, F.softplus(self.dt_proj(dt)), A, B, C, self.D) * F.silu(z)
+            y = selective_scan(u, F.softplus(self.dt_proj(dt)), A, B, C, self.D, packing=packing) * F.silu(z)
         return self.out_proj(y)
 
 
@@ -327,8 +344,8 @@ class MambaBlock(nn.Module):
                                  nn.Linear(4 * d_model, d_model))
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.alpha * self.dropout(self.mixer(self.norm(x)))
+    def forward(self, x: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
+        x = x + self.alpha * self.dropout(self.mixer(self.norm(x), packing))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -342,7 +359,8 @@ class MambaEncoder(nn.Module):
             MambaBlock(d_model, d_state, d_conv, expand, dropout, backend) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
+        """``[b, l, d_model]``, or packed rows ``[N, d_model]`` with ``packing``."""
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, packing)
         return self.norm(x)

@@ -16,8 +16,8 @@ from recbole_mm.model.layers.compiled import ptr, run_sliced
 
 
 _I64, _ADDRESS = ctypes.c_int64, ctypes.c_void_p
-_FUNCTIONS = (("scan_forward", (_I64,) * 4 + (_ADDRESS,) * 8),
-              ("scan_gradients", (_I64,) * 4 + (_ADDRESS,) * 15))
+_FUNCTIONS = (("scan_forward", (_I64, _ADDRESS, _I64, _I64) + (_ADDRESS,) * 7),
+              ("scan_gradients", (_I64, _ADDRESS, _I64, _I64) + (_ADDRESS,) * 15))
 
 
 def load() -> Tuple[Optional[ctypes.CDLL], str]:
@@ -37,33 +37,45 @@ def _check(*tensors) -> None:
                              f"{'' if x.is_contiguous() else ' (not contiguous)'}")
 
 
-def forward(u, delta, A, B, C) -> torch.Tensor:
+def _layout(u: torch.Tensor, offsets: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    """The kernel's row offsets (int64, ``nseq + 1``) and longest sequence: ``offsets`` for packed
+    ``[N, d]`` inputs, else those of the padded ``[b, l, d]`` batch."""
+    if offsets is None:
+        batch, length = u.shape[:2]
+        return torch.arange(batch + 1, dtype=torch.int64) * length, length
+    if offsets.dtype != torch.int64 or offsets.device.type != "cpu" or int(offsets[-1]) != u.shape[0]:
+        raise ValueError(f"offsets must be int64 CPU row offsets ending at the {u.shape[0]} packed rows")
+    return offsets.contiguous(), int((offsets[1:] - offsets[:-1]).max())
+
+
+def forward(u, delta, A, B, C, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y_t = C_t h_t`` for contiguous float32 CPU tensors ``u, delta: [b, l, d]``, ``A: [d, n]``,
-    ``B, C: [b, l, n]`` (no ``D`` term)."""
+    ``B, C: [b, l, n]`` (no ``D`` term); with ``offsets`` (``nseq + 1`` row indices) the inputs are
+    packed, ``u, delta: [N, d]``, ``B, C: [N, n]``, sequence ``s`` in rows ``offsets[s]:offsets[s+1]``."""
     _check(u, delta, A, B, C)
     lib = load()[0]
-    batch, length, d = u.shape
-    n = A.shape[1]
+    offsets, _ = _layout(u, offsets)
+    d, n = A.shape
     A_t = A.t().contiguous()
     y = torch.empty_like(u)
 
     def work(lo, hi):
         h = torch.empty(n * d)
-        lib.scan_forward(hi - lo, length, d, n, ptr(u[lo:hi]), ptr(delta[lo:hi]), ptr(A_t),
-                         ptr(B[lo:hi]), ptr(C[lo:hi]), ptr(y[lo:hi]), ptr(h), None)
+        lib.scan_forward(hi - lo, ptr(offsets[lo:]), d, n, ptr(u), ptr(delta), ptr(A_t), ptr(B), ptr(C),
+                         ptr(y), ptr(h))
 
-    run_sliced(batch, work)
+    run_sliced(len(offsets) - 1, work)
     return y
 
 
-def backward(u, delta, A, B, C, dy):
-    """Gradients ``(d_u, d_delta, d_A, d_B, d_C)`` of ``sum(dy * y)`` (same layout as
+def backward(u, delta, A, B, C, dy, offsets: Optional[torch.Tensor] = None):
+    """Gradients ``(d_u, d_delta, d_A, d_B, d_C)`` of ``sum(dy * y)`` (same layouts as
     :func:`forward`; ``d_u`` without the ``D`` term). Each sequence's states are recomputed just
     before its backward pass (``scan_gradients``), so they are read back from the core's cache."""
     _check(u, delta, A, B, C, dy)
     lib = load()[0]
-    batch, length, d = u.shape
-    n = A.shape[1]
+    offsets, longest = _layout(u, offsets)
+    d, n = A.shape
     A_t = A.t().contiguous()
     d_u, d_delta = torch.empty_like(u), torch.empty_like(delta)
     d_B, d_C = torch.empty_like(B), torch.empty_like(C)
@@ -72,12 +84,11 @@ def backward(u, delta, A, B, C, dy):
     def work(lo, hi):
         d_A_t = torch.zeros(n, d)
         h, g, decay_next = torch.empty(n * d), torch.empty(n * d), torch.empty(n * d)
-        states = torch.empty(length * n * d)  # one sequence's, reused for each
-        rows = slice(lo, hi)
-        lib.scan_gradients(hi - lo, length, d, n, ptr(u[rows]), ptr(delta[rows]), ptr(A_t), ptr(B[rows]),
-                           ptr(C[rows]), ptr(dy[rows]), ptr(d_u[rows]), ptr(d_delta[rows]), ptr(d_A_t),
-                           ptr(d_B[rows]), ptr(d_C[rows]), ptr(h), ptr(states), ptr(g), ptr(decay_next))
+        states = torch.empty(longest * n * d)  # one sequence's, reused for each
+        lib.scan_gradients(hi - lo, ptr(offsets[lo:]), d, n, ptr(u), ptr(delta), ptr(A_t), ptr(B), ptr(C),
+                           ptr(dy), ptr(d_u), ptr(d_delta), ptr(d_A_t), ptr(d_B), ptr(d_C), ptr(h), ptr(states),
+                           ptr(g), ptr(decay_next))
         partial_A.append(d_A_t)
 
-    run_sliced(batch, work)
+    run_sliced(len(offsets) - 1, work)
     return d_u, d_delta, torch.stack(partial_A).sum(0).t(), d_B, d_C

@@ -17,7 +17,7 @@ from recbole.utils import InputType
 from recbole_mm.model.layers.dropout import Dropout
 from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, dataset_features
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
-from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
+from recbole_mm.model.layers.packing import Packing
 from recbole_mm.model.layers.mamba import MambaEncoder
 from recbole_mm.model.loss.chunked_ce import chunked_cross_entropy, excluded_items
 from recbole_mm.model.loss.gradient_share import GradientShare
@@ -56,10 +56,12 @@ class ModalityStream(nn.Module):
         items, where = torch.unique(item_seq, return_inverse=True)
         return self.proj(self.features[items])[where]
 
-    def forward(self, item_seq: torch.Tensor, projected: Optional[torch.Tensor] = None):
+    def forward(self, item_seq: torch.Tensor, projected: Optional[torch.Tensor] = None,
+                packing: Optional[Packing] = None):
         """``item_seq: [B, L]`` -> ``(states [B, L, align_dim], mu, logvar)`` (``None`` without
-        the variational head); ``projected``: :meth:`project`'s result when already computed."""
-        states = self.encoder(self.dropout(self.project(item_seq) if projected is None else projected))
+        the variational head); ``projected``: :meth:`project`'s result when already computed. With
+        ``packing``, ``item_seq`` and the outputs are packed rows (``[N]``, ``[N, align_dim]``)."""
+        states = self.encoder(self.dropout(self.project(item_seq) if projected is None else projected), packing)
         if self.posterior is None:
             return states, None, None
         mu, logvar = self.posterior(states).chunk(2, dim=-1)
@@ -169,7 +171,6 @@ class FindRec(SequentialRecommender):
         if self.output_head == "residual" and id_width != emb:
             raise ValueError("output_head: residual adds z_ID to S, which needs id_input: id "
                              f"(z_ID is {id_width} wide with id_input: {self.id_input}, S {emb})")
-        self.group_overhead = group_overhead(max(id_width, align))
         self.item_embedding = nn.Embedding(self.n_items, emb, padding_idx=0)
         self.id_dropout = Dropout(dropout)
         self.id_encoder = MambaEncoder(n_layers, id_width, dropout=dropout, **mamba_args)
@@ -231,21 +232,18 @@ class FindRec(SequentialRecommender):
         and (``kl`` only) each view's last ``(mu, logvar)``.
 
         Every stream is causal and the head reads the last valid position, so with
-        ``length_groups`` (on a CPU) the streams run on groups of similar length, each cut to its longest
-        sequence: the result of the padded batch without computing the padding. The head runs on
-        the merged last states (the cross-attention per group, for its keys), so every loss
-        term's gradient passes through the same ``z_m``."""
-        groups = LengthGroups(item_seq_len, enabled=self.length_groups, overhead=self.group_overhead)
-        parts = [self._streams(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)]
-        z_id, views, posteriors = groups.merge([part[:3] for part in parts])
+        ``length_groups`` (on a CPU) the streams run on the batch's real positions only, packed end
+        to end (:class:`~recbole_mm.model.layers.packing.Packing`): the result of the padded batch
+        without computing the padding."""
+        packing = Packing(item_seq_len, item_seq.shape[1], enabled=self.length_groups)
+        z_id, views, posteriors, states, key_masks = self._streams(item_seq, packing)
         head = self.iicm_share.watch(views, GradientShare.REFERENCE) if self._sharing() else views
         fused = []
         if not self.pairs:
             fused.append(self.moes[0](head[0]))
         for (i, j), moe in zip(self.pairs, self.moes):
             if self.cross_attn is not None:
-                queries = groups.split(head[i])
-                o = groups.merge([self.cross_attn(q, part[3][j], part[4][j]) for q, part in zip(queries, parts)])
+                o = self.cross_attn(head[i], states[j], key_masks[j])
             else:
                 o = head[i] + head[j]
             fused.append(moe(o))
@@ -254,26 +252,28 @@ class FindRec(SequentialRecommender):
             seq_output = z_id + seq_output
         return seq_output, views, posteriors
 
-    def _streams(self, item_seq, item_seq_len):
-        """The ID and modality streams over one group: ``(z_id, views, posteriors)`` at the last
-        valid position, then each modality's full states and the cross-attention's key masks."""
-        last = item_seq_len - 1
+    def _streams(self, item_seq, packing: Packing):
+        """The ID and modality streams: ``(z_id, views, posteriors)`` at the last valid position,
+        then each modality's states ``[B, packing.width, align_dim]`` (zero at padded positions)
+        and the cross-attention's key masks."""
+        items = packing.pack(item_seq)
         # summed: the same vectors as the candidates (feature_logits)
-        ids = (self.item_tower if self.id_input == "summed" else self.item_embedding)(item_seq)
+        ids = (self.item_tower if self.id_input == "summed" else self.item_embedding)(items)
         projected = [None] * len(self.streams)
         if self.id_input == "fused":  # sec. 2.1: the ID stream reads e_fused; W_m f_m computed once
-            projected = [stream.project(item_seq) for stream in self.streams]
+            projected = [stream.project(items) for stream in self.streams]
             ids = torch.cat([ids, *projected], dim=-1)
-        z_id = self.gather_indexes(self.id_encoder(self.id_dropout(ids)), last)
+        z_id = packing.last(self.id_encoder(self.id_dropout(ids), packing.layout))
         states, views, posteriors = [], [], []
         for stream, proj in zip(self.streams, projected):
-            seq, mu, logvar = stream(item_seq, proj)
-            states.append(seq)
-            views.append(self.gather_indexes(seq, last))
+            seq, mu, logvar = stream(items, proj, packing.layout)
+            states.append(packing.unpack(seq))
+            views.append(packing.last(seq))
             if mu is not None:
-                posteriors.append((self.gather_indexes(mu, last), self.gather_indexes(logvar, last)))
+                posteriors.append((packing.last(mu), packing.last(logvar)))
         # the last valid query attends causally: the real positions up to it that have the modality
-        valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len[:, None]
+        item_seq = item_seq[:, :packing.width]
+        valid = torch.arange(packing.width, device=item_seq.device) < packing.lengths[:, None]
         key_masks = [valid & stream.has_feature[item_seq] for stream in self.streams]
         return z_id, views, posteriors or None, states, key_masks
 

@@ -20,14 +20,16 @@ Hyperparameters (``properties/model/Mamba4Rec.yaml``): hidden_size, num_layers, 
 d_state, d_conv, expand, mamba_backend, loss_type, initializer_range.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from recbole_mm.model.abstract_recommender import DotProductSequentialRecommender
 from recbole_mm.model.layers.dropout import Dropout
-from recbole_mm.model.layers.length_groups import LengthGroups, group_overhead
 from recbole_mm.model.layers.mamba import Mamba
 from recbole_mm.model.layers.mlp import feed_forward
+from recbole_mm.model.layers.packing import Packing
 
 
 class Mamba4RecLayer(nn.Module):
@@ -45,8 +47,8 @@ class Mamba4RecLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model, eps=1e-12)
         self.residual = residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(self.mamba(x))
+    def forward(self, x: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
+        h = self.dropout(self.mamba(x, packing))
         h = self.norm(h + x if self.residual else h)
         return self.ffn_norm(self.ffn(h) + h)
 
@@ -64,17 +66,13 @@ class Mamba4Rec(DotProductSequentialRecommender):
             Mamba4RecLayer(hidden, config["d_state"], config["d_conv"], config["expand"], dropout,
                            residual=n_layers > 1, backend=config["mamba_backend"])
             for _ in range(n_layers))
-        self.group_overhead = group_overhead(hidden)
         self.apply(self._init_weights)
 
     def forward(self, item_seq, item_seq_len):
-        # causal layers read at the last valid position: run groups of similar length, each cut
-        # to its longest sequence, instead of the padded batch (same result, less work)
-        groups = LengthGroups(item_seq_len, overhead=self.group_overhead)
-        return groups.merge([self._encode(seq, lens) for seq, lens in groups.inputs(item_seq, item_seq_len)])
-
-    def _encode(self, item_seq, item_seq_len):
-        hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        # causal layers read at the last valid position: on a CPU run the real positions only,
+        # packed end to end, instead of the padded batch (same result, less work)
+        packing = Packing(item_seq_len, item_seq.shape[1])
+        hidden = self.LayerNorm(self.dropout(self.item_embedding(packing.pack(item_seq))))
         for layer in self.mamba_layers:
-            hidden = layer(hidden)
-        return self.gather_indexes(hidden, item_seq_len - 1)
+            hidden = layer(hidden, packing.layout)
+        return packing.last(hidden)

@@ -6,9 +6,11 @@
  * (-O3 -march=native) and called through ctypes, one call per slice of the batch, each from its
  * own Python thread (ctypes releases the GIL), so no OpenMP runtime is mixed with torch's.
  *
- * Layout (all float32, C-contiguous): u, delta, y: [b, l, d]; B, C: [b, l, n]; A_t: [n, d] (A
- * transposed, so that every inner loop runs over the contiguous channel axis d and vectorises);
- * the state of one sequence is kept as [n, d] (32 KB at d 512, n 16: it stays in L1/L2).
+ * Layout (all float32, C-contiguous): sequences laid end to end, u, delta, y: [N, d]; B, C: [N, n],
+ * sequence s holding rows offsets[s] .. offsets[s+1]-1 (a padded batch [b, l, .] is offsets
+ * 0, l, 2l, ...; a packed one holds the real positions only, each sequence at its own length);
+ * A_t: [n, d] (A transposed, so that every inner loop runs over the contiguous channel axis d and
+ * vectorises); the state of one sequence is kept as [n, d] (32 KB at d 512, n 16: it stays in L1/L2).
  *
  * Why a kernel: the work is b*l*d*n multiply-adds and as many exp() calls. A Python loop over
  * time issues several tensor ops per step; a scalar libm exp is slower than torch's vectorised
@@ -40,107 +42,114 @@ static inline float scan_exp(float x) {
     return p * scale;
 }
 
-/* Forward over `nb` sequences. `states` (optional, may be NULL) receives every h_t as
- * [nb, l, n, d] for the backward pass of the same slice. */
-void scan_forward(int64_t nb, int64_t l, int64_t d, int64_t n,
-                  const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
-                  const float *RESTRICT B, const float *RESTRICT C, float *RESTRICT y,
-                  float *RESTRICT h, float *RESTRICT states) {
-    for (int64_t b = 0; b < nb; ++b) {
-        memset(h, 0, sizeof(float) * n * d);
-        for (int64_t t = 0; t < l; ++t) {
-            const float *ut = u + (b * l + t) * d, *dt = delta + (b * l + t) * d;
-            const float *Bt = B + (b * l + t) * n, *Ct = C + (b * l + t) * n;
-            float *yt = y + (b * l + t) * d;
-            memset(yt, 0, sizeof(float) * d);
-            for (int64_t s = 0; s < n; ++s) {
-                float *hs = h + s * d;
-                const float *As = A_t + s * d;
-                const float bs = Bt[s], cs = Ct[s];
+/* Forward over one sequence of `l` steps. `states` (optional, may be NULL) receives every h_t as
+ * [l, n, d] for the backward pass. */
+static void forward_one(int64_t l, int64_t d, int64_t n,
+                        const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
+                        const float *RESTRICT B, const float *RESTRICT C, float *RESTRICT y,
+                        float *RESTRICT h, float *RESTRICT states) {
+    memset(h, 0, sizeof(float) * n * d);
+    for (int64_t t = 0; t < l; ++t) {
+        const float *ut = u + t * d, *dt = delta + t * d;
+        const float *Bt = B + t * n, *Ct = C + t * n;
+        float *yt = y + t * d;
+        memset(yt, 0, sizeof(float) * d);
+        for (int64_t s = 0; s < n; ++s) {
+            float *hs = h + s * d;
+            const float *As = A_t + s * d;
+            const float bs = Bt[s], cs = Ct[s];
 #pragma GCC ivdep
-                for (int64_t c = 0; c < d; ++c) {
-                    float v = scan_exp(dt[c] * As[c]) * hs[c] + dt[c] * ut[c] * bs;
-                    hs[c] = v;
-                    yt[c] += v * cs;
-                }
+            for (int64_t c = 0; c < d; ++c) {
+                float v = scan_exp(dt[c] * As[c]) * hs[c] + dt[c] * ut[c] * bs;
+                hs[c] = v;
+                yt[c] += v * cs;
             }
-            if (states) memcpy(states + ((b * l + t) * n) * d, h, sizeof(float) * n * d);
         }
+        if (states) memcpy(states + t * n * d, h, sizeof(float) * n * d);
     }
 }
 
-/* Backward over `nb` sequences given the forward states [nb, l, n, d] of the same slice.
- * Writes d_u, d_delta ([nb, l, d]), d_B, d_C ([nb, l, n]) and adds into d_A_t ([n, d]).
+/* Backward over one sequence of `l` steps given its forward states [l, n, d].
+ * Writes d_u, d_delta ([l, d]), d_B, d_C ([l, n]) and adds into d_A_t ([n, d]).
  * `g` and `decay_next` are [n, d] scratch buffers.
  *   g_t  = C_t dy_t + exp(delta_{t+1} A) g_{t+1}                 (dL/dh_t)
  *   dC_t = sum_d dy_t h_t,   dB_t = sum_d g_t delta_t u_t
  *   d(delta u)_t = sum_n g_t B_t
  *   d(delta_t A) = g_t h_{t-1} exp(delta_t A)   (h_{-1} = 0), giving d_delta and d_A. */
-void scan_backward(int64_t nb, int64_t l, int64_t d, int64_t n,
-                   const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
-                   const float *RESTRICT B, const float *RESTRICT C, const float *RESTRICT dy,
-                   const float *RESTRICT states, float *RESTRICT d_u, float *RESTRICT d_delta,
-                   float *RESTRICT d_A_t, float *RESTRICT d_B, float *RESTRICT d_C,
-                   float *RESTRICT g, float *RESTRICT decay_next) {
-    for (int64_t b = 0; b < nb; ++b) {
-        memset(g, 0, sizeof(float) * n * d);
-        memset(decay_next, 0, sizeof(float) * n * d);
-        for (int64_t t = l - 1; t >= 0; --t) {
-            const int64_t bt = b * l + t;
-            const float *ut = u + bt * d, *dt = delta + bt * d, *dyt = dy + bt * d;
-            const float *Bt = B + bt * n, *Ct = C + bt * n;
-            const float *ht = states + bt * n * d;
-            const float *hprev = t > 0 ? states + (bt - 1) * n * d : NULL;
-            float *dut = d_u + bt * d, *ddt = d_delta + bt * d;
-            memset(dut, 0, sizeof(float) * d);  /* holds d(delta u) until the end of the step */
-            memset(ddt, 0, sizeof(float) * d);
-            for (int64_t s = 0; s < n; ++s) {
-                float *gs = g + s * d, *dns = decay_next + s * d, *dAs = d_A_t + s * d;
-                const float *As = A_t + s * d, *hs = ht + s * d;
-                const float bs = Bt[s], cs = Ct[s];
-                float dc = 0.f, db = 0.f;
-#pragma GCC ivdep
-                for (int64_t c = 0; c < d; ++c) {
-                    float gv = cs * dyt[c] + dns[c] * gs[c];
-                    gs[c] = gv;
-                    dc += dyt[c] * hs[c];
-                    db += gv * dt[c] * ut[c];
-                    dut[c] += gv * bs;
-                    float decay = scan_exp(dt[c] * As[c]);
-                    dns[c] = decay;
-                    float dda = hprev ? gv * hprev[s * d + c] * decay : 0.f;
-                    ddt[c] += dda * As[c];
-                    dAs[c] += dda * dt[c];
-                }
-                d_C[bt * n + s] = dc;
-                d_B[bt * n + s] = db;
-            }
+static void backward_one(int64_t l, int64_t d, int64_t n,
+                         const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
+                         const float *RESTRICT B, const float *RESTRICT C, const float *RESTRICT dy,
+                         const float *RESTRICT states, float *RESTRICT d_u, float *RESTRICT d_delta,
+                         float *RESTRICT d_A_t, float *RESTRICT d_B, float *RESTRICT d_C,
+                         float *RESTRICT g, float *RESTRICT decay_next) {
+    memset(g, 0, sizeof(float) * n * d);
+    memset(decay_next, 0, sizeof(float) * n * d);
+    for (int64_t t = l - 1; t >= 0; --t) {
+        const float *ut = u + t * d, *dt = delta + t * d, *dyt = dy + t * d;
+        const float *Bt = B + t * n, *Ct = C + t * n;
+        const float *ht = states + t * n * d;
+        const float *hprev = t > 0 ? states + (t - 1) * n * d : NULL;
+        float *dut = d_u + t * d, *ddt = d_delta + t * d;
+        memset(dut, 0, sizeof(float) * d);  /* holds d(delta u) until the end of the step */
+        memset(ddt, 0, sizeof(float) * d);
+        for (int64_t s = 0; s < n; ++s) {
+            float *gs = g + s * d, *dns = decay_next + s * d, *dAs = d_A_t + s * d;
+            const float *As = A_t + s * d, *hs = ht + s * d;
+            const float bs = Bt[s], cs = Ct[s];
+            float dc = 0.f, db = 0.f;
 #pragma GCC ivdep
             for (int64_t c = 0; c < d; ++c) {
-                float dud = dut[c];
-                dut[c] = dud * dt[c];
-                ddt[c] += dud * ut[c];
+                float gv = cs * dyt[c] + dns[c] * gs[c];
+                gs[c] = gv;
+                dc += dyt[c] * hs[c];
+                db += gv * dt[c] * ut[c];
+                dut[c] += gv * bs;
+                float decay = scan_exp(dt[c] * As[c]);
+                dns[c] = decay;
+                float dda = hprev ? gv * hprev[s * d + c] * decay : 0.f;
+                ddt[c] += dda * As[c];
+                dAs[c] += dda * dt[c];
             }
+            d_C[t * n + s] = dc;
+            d_B[t * n + s] = db;
+        }
+#pragma GCC ivdep
+        for (int64_t c = 0; c < d; ++c) {
+            float dud = dut[c];
+            dut[c] = dud * dt[c];
+            ddt[c] += dud * ut[c];
         }
     }
 }
 
-/* Gradients of `nb` sequences, one sequence at a time: its forward states are recomputed into
- * `states` ([l, n, d]: 400 KB at l 50, d 128, n 16), which the backward then reads while they are
- * still in the core's cache; recomputing costs less than keeping states for a whole batch, which
- * falls out of the cache. `h`, `g`, `decay_next` are [n, d] scratch buffers; d_u etc. as in
- * scan_backward, `d_A_t` accumulated. */
-void scan_gradients(int64_t nb, int64_t l, int64_t d, int64_t n,
+/* Forward over the `nseq` sequences of `offsets` (nseq + 1 row indices, see the layout above).
+ * `h` is an [n, d] scratch buffer. */
+void scan_forward(int64_t nseq, const int64_t *RESTRICT offsets, int64_t d, int64_t n,
+                  const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
+                  const float *RESTRICT B, const float *RESTRICT C, float *RESTRICT y, float *RESTRICT h) {
+    for (int64_t s = 0; s < nseq; ++s) {
+        const int64_t o = offsets[s];
+        forward_one(offsets[s + 1] - o, d, n, u + o * d, delta + o * d, A_t, B + o * n, C + o * n, y + o * d,
+                    h, NULL);
+    }
+}
+
+/* Gradients of the `nseq` sequences of `offsets`, one sequence at a time: its forward states are
+ * recomputed into `states` ([longest l, n, d]: 400 KB at l 50, d 128, n 16), which the backward
+ * then reads while they are still in the core's cache; recomputing costs less than keeping states
+ * for a whole batch, which falls out of the cache. `h`, `g`, `decay_next` are [n, d] scratch
+ * buffers; d_u, d_delta ([N, d]), d_B, d_C ([N, n]) are written, `d_A_t` ([n, d]) accumulated. */
+void scan_gradients(int64_t nseq, const int64_t *RESTRICT offsets, int64_t d, int64_t n,
                     const float *RESTRICT u, const float *RESTRICT delta, const float *RESTRICT A_t,
                     const float *RESTRICT B, const float *RESTRICT C, const float *RESTRICT dy,
                     float *RESTRICT d_u, float *RESTRICT d_delta, float *RESTRICT d_A_t,
                     float *RESTRICT d_B, float *RESTRICT d_C, float *RESTRICT h, float *RESTRICT states,
                     float *RESTRICT g, float *RESTRICT decay_next) {
-    for (int64_t b = 0; b < nb; ++b) {
-        const int64_t x = b * l * d, bc = b * l * n;
+    for (int64_t s = 0; s < nseq; ++s) {
+        const int64_t o = offsets[s], l = offsets[s + 1] - o, x = o * d, bc = o * n;
         /* y is not needed: the forward writes it into d_u, which the backward then overwrites */
-        scan_forward(1, l, d, n, u + x, delta + x, A_t, B + bc, C + bc, d_u + x, h, states);
-        scan_backward(1, l, d, n, u + x, delta + x, A_t, B + bc, C + bc, dy + x, states,
-                      d_u + x, d_delta + x, d_A_t, d_B + bc, d_C + bc, g, decay_next);
+        forward_one(l, d, n, u + x, delta + x, A_t, B + bc, C + bc, d_u + x, h, states);
+        backward_one(l, d, n, u + x, delta + x, A_t, B + bc, C + bc, dy + x, states,
+                     d_u + x, d_delta + x, d_A_t, d_B + bc, d_C + bc, g, decay_next);
     }
 }
