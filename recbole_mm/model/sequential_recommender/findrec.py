@@ -254,8 +254,8 @@ class FindRec(SequentialRecommender):
 
     def _streams(self, item_seq, packing: Packing):
         """The ID and modality streams: ``(z_id, views, posteriors)`` at the last valid position,
-        then each modality's states ``[B, packing.width, align_dim]`` (zero at padded positions)
-        and the cross-attention's key masks."""
+        then each modality's states ``[B, packing.width, align_dim]`` and the cross-attention's
+        key masks (which leave out the padded positions)."""
         items = packing.pack(item_seq)
         # summed: the same vectors as the candidates (feature_logits)
         ids = (self.item_tower if self.id_input == "summed" else self.item_embedding)(items)
