@@ -41,8 +41,7 @@ def flattened_streams(model):
 
     def flat(item_seq, packing):
         z_id, views, posteriors, states, masks = streams(item_seq, packing)
-        real = torch.arange(packing.width, device=item_seq.device) < packing.lengths[:, None]
-        states = [s.new_zeros(s.shape) + s[real].mean(0) for s in states]
+        states = [s.new_zeros(s.shape) + s[packing.mask].mean(0) for s in states]
         views = [v.new_zeros(v.shape) + v.mean(0) for v in views]
         return z_id, views, posteriors, states, masks
 

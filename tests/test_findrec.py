@@ -346,8 +346,9 @@ def test_packing_keeps_the_real_positions_in_batch_order():
     assert rows.grad.tolist() == [1.0] * 8  # differentiable
     # disabled, or off the CPU (the meta device standing for a GPU): the padded batch as it is
     for padded in (Packing(lengths, 6, enabled=False), Packing(lengths.to("meta"), 6)):
-        assert padded.layout is None and padded.width == 6
+        assert padded.layout is None and padded.width == 6 and padded.mask.shape == (3, 6)
     padded = Packing(lengths, 6, enabled=False)
+    assert padded.mask.sum(1).tolist() == [3, 1, 4] and not padded.mask[:, 4:].any()
     assert padded.pack(seq) is seq and padded.unpack(seq) is seq and padded.last(seq).tolist() == [3, 7, 16]
 
 

@@ -34,9 +34,10 @@ class Packing:
         self.enabled = enabled and item_seq_len.device.type == "cpu"
         self.lengths = item_seq_len
         self.width = int(item_seq_len.max()) if self.enabled else length
+        positions = torch.arange(self.width, device=item_seq_len.device)
+        #: ``[B, width]``: which positions of the (cut) padded batch are real, in either layout
+        self.mask = positions < item_seq_len[:, None]
         if self.enabled:
-            positions = torch.arange(self.width, device=item_seq_len.device)
-            self.mask = positions < item_seq_len[:, None]  # [B, width], the real positions
             #: row offsets of the sequences in the packed rows (``B + 1``; the scan kernel's layout)
             self.offsets = torch.cat([item_seq_len.new_zeros(1), torch.cumsum(item_seq_len, 0)])
             #: each packed row's position in its sequence (the convolution's left edge)

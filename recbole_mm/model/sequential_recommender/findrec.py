@@ -273,8 +273,7 @@ class FindRec(SequentialRecommender):
                 posteriors.append((packing.last(mu), packing.last(logvar)))
         # the last valid query attends causally: the real positions up to it that have the modality
         item_seq = item_seq[:, :packing.width]
-        valid = torch.arange(packing.width, device=item_seq.device) < packing.lengths[:, None]
-        key_masks = [valid & stream.has_feature[item_seq] for stream in self.streams]
+        key_masks = [packing.mask & stream.has_feature[item_seq] for stream in self.streams]
         return z_id, views, posteriors or None, states, key_masks
 
     def forward(self, item_seq, item_seq_len):
