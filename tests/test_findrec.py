@@ -317,6 +317,8 @@ def test_packed_positions_give_the_padded_loss_and_gradients(planted3, dtype):
     batch = next(iter(train))
     lengths = batch[model.ITEM_SEQ_LEN]
     assert len(set(lengths.tolist())) > 3 and lengths.max() < batch[model.ITEM_SEQ].shape[1]
+    packing = Packing(lengths, batch[model.ITEM_SEQ].shape[1])
+    assert len(packing.position) > packing.real  # rounded up with spare rows, which change nothing
     results = []
     for packed in (True, False):
         model.length_groups = packed
@@ -334,7 +336,7 @@ def test_packed_positions_give_the_padded_loss_and_gradients(planted3, dtype):
 def test_packing_keeps_the_real_positions_in_batch_order():
     lengths = torch.tensor([3, 1, 4])
     seq = torch.arange(1, 19).view(3, 6)  # right-padded to 6
-    packing = Packing(lengths, 6)
+    packing = Packing(lengths, 6, rows_multiple=1)
     assert packing.layout is packing and packing.width == 4
     assert packing.pack(seq).tolist() == [1, 2, 3, 7, 13, 14, 15, 16]
     assert packing.offsets.tolist() == [0, 3, 4, 8] and packing.position.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
@@ -344,6 +346,28 @@ def test_packing_keeps_the_real_positions_in_batch_order():
     assert unpacked.tolist() == [[1, 2, 3, 0], [7, 0, 0, 0], [13, 14, 15, 16]]
     unpacked.sum().backward()
     assert rows.grad.tolist() == [1.0] * 8  # differentiable
+
+
+def test_packing_rounds_the_rows_up_with_a_sequence_of_padding():
+    lengths = torch.tensor([3, 1, 4])
+    seq = torch.arange(1, 19).view(3, 6)
+    packing = Packing(lengths, 6, rows_multiple=5)  # 8 real rows -> 10: the first two padded positions
+    assert packing.pack(seq).tolist() == [1, 2, 3, 7, 13, 14, 15, 16, 4, 8]
+    assert packing.offsets.tolist() == [0, 3, 4, 8, 10]  # the spare rows are a sequence of their own
+    assert packing.position.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 0, 1]
+    assert packing.last(packing.pack(seq)).tolist() == [3, 7, 16]
+    rows = packing.pack(seq).double().requires_grad_()
+    unpacked = packing.unpack(rows)
+    assert unpacked.tolist() == [[1, 2, 3, 0], [7, 0, 0, 0], [13, 14, 15, 16]]
+    unpacked.sum().backward()
+    assert rows.grad.tolist() == [1.0] * 8 + [0.0] * 2  # nothing reads the spare rows
+    # no more spare rows than the batch has padded positions (4 within the longest sequence)
+    assert Packing(lengths, 6, rows_multiple=64).pack(seq).shape == (12,)
+
+
+def test_packing_without_the_cpu_or_enabled_is_the_padded_batch():
+    lengths = torch.tensor([3, 1, 4])
+    seq = torch.arange(1, 19).view(3, 6)
     # disabled, or off the CPU (the meta device standing for a GPU): the padded batch as it is
     for padded in (Packing(lengths, 6, enabled=False), Packing(lengths.to("meta"), 6)):
         assert padded.layout is None and padded.width == 6 and padded.mask.shape == (3, 6)

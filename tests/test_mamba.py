@@ -188,36 +188,40 @@ def test_compiled_scan_equals_the_torch_scan_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("rows_multiple", [1, 8], ids=["exact", "spare-rows"])
 @pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernel), False], ids=["kernel", "step-loop"])
-def test_packed_rows_give_the_padded_result(kernel):
+def test_packed_rows_give_the_padded_result(kernel, rows_multiple):
     # sequences of lengths 4, 1, 6 packed end to end: the Mamba mixer (its convolution must not
     # reach into the previous sequence, its scan must restart at each sequence) equals the padded
     # batch at the real positions, output and gradients; 2 threads over 3 sequences so the
-    # kernel's slicing by sequence is exercised
+    # kernel's slicing by sequence is exercised; with rows_multiple 8 the 11 real rows are followed
+    # by 5 spare ones, which change nothing before them
     dtype = torch.float32 if kernel else torch.float64
     torch.manual_seed(0)
     mixer = Mamba(8, d_state=4, backend="torch").to(dtype)
     lengths = torch.tensor([4, 1, 6])
     x = torch.randn(3, 7, 8, dtype=dtype)  # right-padded to 7
-    packing = Packing(lengths, 7)
+    packing = Packing(lengths, 7, rows_multiple=rows_multiple)
+    real = packing.real
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        padded = packing.pack(mixer(x))
+        padded = packing.pack(mixer(x))[:real]
         params = list(mixer.parameters())
         g_padded = torch.autograd.grad(padded.square().sum(), params)
         packed = mixer(packing.pack(x), packing)
-        g_packed = torch.autograd.grad(packed.square().sum(), params)
+        g_packed = torch.autograd.grad(packed[:real].square().sum(), params)
     finally:
         torch.set_num_threads(threads)
-    assert packed.shape == (11, 8) and mamba_mod.kernel_runs_on(packed) == kernel
+    assert real == 11 and packed.shape == (11 if rows_multiple == 1 else 16, 8)
+    assert mamba_mod.kernel_runs_on(packed) == kernel
     tol = dict(rtol=1e-5, atol=1e-5) if kernel else dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(packed, padded, **tol)
+    torch.testing.assert_close(packed[:real], padded, **tol)
     for (name, _), a, b in zip(mixer.named_parameters(), g_packed, g_padded):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
     # the same sequences without their neighbours: nothing crosses a sequence boundary
     alone = mixer(x[2:, :6])[0]
-    torch.testing.assert_close(packed[5:], alone, **tol)
+    torch.testing.assert_close(packed[5:real], alone, **tol)
 
 
 def test_compiled_scan_is_chosen_only_where_it_runs(monkeypatch):
