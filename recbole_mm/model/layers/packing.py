@@ -3,10 +3,10 @@
 RecBole pads every sequence on the right to ``MAX_ITEM_LIST_LENGTH``; on the FindRec paper's Amazon
 Beauty ~4x more positions are padding than items. For a causal encoder that reads the last valid
 position, the outputs at real positions do not depend on what follows them, so the real positions
-can be packed end to end, ``[N, d]`` for ``N = sum(lengths)`` (rounded up: :data:`ROWS_MULTIPLE`), with exactly the padded batch's
-result: position-wise maps (projections, norms, FFNs, dropout) run on the ``N`` rows at once, and
-the two layers that mix positions, the causal convolution and the selective scan, are told where
-each sequence starts (:class:`~recbole_mm.model.layers.mamba.Mamba`).
+can be packed end to end, ``[N, d]`` for ``N = sum(lengths)`` (rounded up: :data:`ROWS_MULTIPLE`),
+with exactly the padded batch's result: position-wise maps (projections, norms, FFNs, dropout) run
+on the ``N`` rows at once, and the two layers that mix positions, the causal convolution and the
+selective scan, are told where each sequence starts (:class:`~recbole_mm.model.layers.mamba.Mamba`).
 
 Packing replaced cutting the batch into groups of similar length, each padded to its longest
 sequence (one encoder call per group): on the paper's Beauty a batch of 128 became ~7 groups
