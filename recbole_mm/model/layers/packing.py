@@ -49,15 +49,15 @@ class Packing:
         #: ``[B, width]``: which positions of the (cut) padded batch are real, in either layout
         self.mask = positions < item_seq_len[:, None]
         if self.enabled:
-            real = int(item_seq_len.sum())
-            spare = (~self.mask).nonzero()[:-real % rows_multiple]  # as many as the batch has
+            ends = torch.cumsum(item_seq_len, 0)
             #: how many packed rows are real positions
-            self.real = real
+            self.real = real = int(ends[-1])
+            spare = (~self.mask).nonzero()[:-real % rows_multiple]  # as many as the batch has
             #: (sequence, position) of each packed row in the padded batch: real ones, then spare padding
             self._rows = torch.cat([self.mask.nonzero(), spare]).unbind(1)
             #: row offsets of the sequences in the packed rows, the spare rows' last if any
             #: (``B + 1`` or ``B + 2``; the scan kernel's layout)
-            bounds = [item_seq_len.new_zeros(1), torch.cumsum(item_seq_len, 0)]
+            bounds = [item_seq_len.new_zeros(1), ends]
             if len(spare):
                 bounds.append(item_seq_len.new_full((1,), real + len(spare)))
             self.offsets = torch.cat(bounds)
