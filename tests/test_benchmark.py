@@ -438,3 +438,28 @@ def test_per_user_breakdown_buckets_users_by_history_and_test_item_popularity():
     assert list(table.index) == ["<1", "1-2", ">=3"] and table["users"].tolist() == [1, 1, 2]
     assert table["A"].tolist() == pytest.approx([(0.25 + 0.0) / 2, (0.5 + 0.0) / 2, ((1.0 + 0.0) / 2 + (0.75 + 1.0) / 2) / 2])
     assert table["B"].tolist() == pytest.approx([float("nan"), 0.6, 0.3], nan_ok=True)
+
+
+def test_seed_table_recomputes_a_pages_means_changes_and_paired_t_from_a_curated_csv(tmp_path, capsys):
+    script = load_benchmark_script("seed_table")
+    ref, abl, short = [0.30, 0.32, 0.35], [0.20, 0.25, 0.21], [0.33]
+    rows = ([{"label": "R", "seed": s, "test_ndcg@10": v, "valid_ndcg@10": v + 0.1, "source": "page"}
+             for s, v in zip([1, 2, 3], ref)]
+            + [{"label": "A", "seed": s, "test_ndcg@10": v, "valid_ndcg@10": v, "source": "results.csv"}
+               for s, v in zip([1, 2, 3], abl)]
+            + [{"label": "B", "seed": 2, "test_ndcg@10": short[0], "valid_ndcg@10": 0.4, "source": "page"}])
+    path = tmp_path / "curated.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    script.main([str(path), "--reference", "R", "--plot", str(tmp_path / "t5")])
+    out = capsys.readouterr().out
+    assert f"| A | 3 | {np.mean(abl):.4f} ± {np.std(abl, ddof=1):.4f} |" in out
+    assert "| A | 1, 2, 3 | -33.3% / -21.9% / -40.0% |" in out  # per seed, a / b - 1
+    assert "| B | 2 | +3.1% |" in out  # only the seed B has
+    p = stats.ttest_rel(abl, ref).pvalue
+    assert f"| A | ndcg@10 | {np.mean(abl):.4f} | {np.mean(ref):.4f} | {np.mean(abl) / np.mean(ref) - 1:+.1%} | {p:.3f} |\n" in out  # no per-user column
+    assert "| B | ndcg@10 | 0.3300 | 0.3200 | +3.1% | – |\n" in out  # one seed: no test
+    assert (tmp_path / "t5-metrics.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="not a label"):
+        script.report(pd.DataFrame(rows), "Z")
+    with pytest.raises(ValueError, match="twice"):
+        script.report(pd.DataFrame(rows + rows[:1]), "R")

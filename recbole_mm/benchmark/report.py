@@ -130,8 +130,15 @@ def user_wilcoxon(per_user_dir: Path, run: pd.Series, ref: pd.Series, metric: st
     return float(stats.wilcoxon(diff).pvalue)
 
 
-def _significance(frame, reference, labels, metrics, per_user_dir) -> Optional[str]:
-    """Every one of ``labels`` (other than ``reference``) tested against ``reference``."""
+def accuracy_table(frame: pd.DataFrame, columns: List[str]) -> str:
+    """Mean ± std over seeds of each of ``columns`` for each label, in the frame's order."""
+    return _table(["label", "n"] + [_metric_name(c) for c in columns],
+                  [[label, len(g)] + [_mean_std(g[c]) for c in columns] for label, g in frame.groupby("label", sort=False)])
+
+
+def significance(frame, reference, labels, metrics, per_user_dir: Optional[Path] = None) -> Optional[str]:
+    """Every one of ``labels`` (other than ``reference``) tested against ``reference``; without
+    ``per_user_dir`` (rows whose per-user files are not kept) over the seeds only."""
     ref = frame[frame.label == reference]
     if ref.empty:
         return None
@@ -147,16 +154,29 @@ def _significance(frame, reference, labels, metrics, per_user_dir) -> Optional[s
         for column in metrics:
             a, b = mine_c[column].mean(), ref_c[column].mean()
             gain = a / b - 1 if b else float("nan")
-            # per-user values exist for the whole test set only (warm/cold: seeds only)
-            p_user = None if last is None or not column.startswith("test_") else user_wilcoxon(
-                per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
-            rows.append([label, _metric_name(column), _fmt(a), _fmt(b),
-                         "–" if not np.isfinite(gain) else f"{gain:+.1%}",
-                         _fmt(seed_ttest(frame, label, reference, column), 3),
-                         "–" if p_user is None else f"{_fmt(p_user, 3)} (seed {last})"])
-    header = ["label", "metric", "mean", f"{reference}", "gain", "p, paired t (seeds)",
-              "p, Wilcoxon (users, last seed)"]
+            row = [label, _metric_name(column), _fmt(a), _fmt(b), "–" if not np.isfinite(gain) else f"{gain:+.1%}",
+                   _fmt(seed_ttest(frame, label, reference, column), 3)]
+            if per_user_dir is not None:  # per-user values exist for the whole test set only (warm/cold: seeds only)
+                p_user = None if last is None or not column.startswith("test_") else user_wilcoxon(
+                    per_user_dir, mine[mine.seed == last].iloc[0], ref[ref.seed == last].iloc[0], column[len("test_"):])
+                row.append("–" if p_user is None else f"{_fmt(p_user, 3)} (seed {last})")
+            rows.append(row)
+    header = ["label", "metric", "mean", f"{reference}", "gain", "p, paired t (seeds)"]
+    if per_user_dir is not None:
+        header.append("p, Wilcoxon (users, last seed)")
     return (_table(header, rows) + "\n\nMeans and gain over the seeds both labels have.") if rows else None
+
+
+def per_seed_changes(frame: pd.DataFrame, reference: str, columns: List[str]) -> str:
+    """Each label's relative change against ``reference`` on every seed both have, ``a / b / c``."""
+    ref = frame[frame.label == reference].set_index("seed")
+    rows = []
+    for label, g in frame[frame.label != reference].groupby("label", sort=False):
+        mine = g.set_index("seed")
+        seeds = sorted(set(mine.index) & set(ref.index))
+        rows.append([label, ", ".join(map(str, seeds))]
+                    + [" / ".join(f"{mine.at[s, c] / ref.at[s, c] - 1:+.1%}" for s in seeds) for c in columns])
+    return _table(["label", "seeds"] + [_metric_name(c) for c in columns], rows)
 
 
 def _paper(frame, suite) -> Optional[str]:
@@ -178,13 +198,10 @@ def _paper(frame, suite) -> Optional[str]:
             f"ours {' > '.join(order_ours) or '(no runs yet)'}.\n\nSource: {suite.paper.get('source', '?')}")
 
 
-def plot(frame: pd.DataFrame, metrics: List[str], stem: Path) -> List[Path]:
-    """``<stem>-metrics.png`` (test metrics) and ``<stem>-cost.png`` (time, memory), mean ± std."""
+def plot_metrics(frame: pd.DataFrame, metrics: List[str], path: Path) -> Path:
+    """Bars of each label's test ``metrics``, mean ± std over seeds, grouped by metric."""
     labels = list(frame.label.unique())
-    panels = ["train_s_per_epoch", "inference_s", "peak_mem_mb"]
-    stats_ = frame.groupby("label", sort=False)[metrics + panels].agg(["mean", "std"])
-    paths = [Path(f"{stem}-metrics.png"), Path(f"{stem}-cost.png")]
-
+    stats_ = frame.groupby("label", sort=False)[metrics].agg(["mean", "std"])
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(labels) ** 0.5), 4))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
@@ -195,8 +212,17 @@ def plot(frame: pd.DataFrame, metrics: List[str], stem: Path) -> List[Path]:
     ax.set_ylabel("test metric (mean ± std over seeds)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return Path(path)
+
+
+def plot(frame: pd.DataFrame, metrics: List[str], stem: Path) -> List[Path]:
+    """``<stem>-metrics.png`` (test metrics) and ``<stem>-cost.png`` (time, memory), mean ± std."""
+    labels = list(frame.label.unique())
+    panels = ["train_s_per_epoch", "inference_s", "peak_mem_mb"]
+    stats_ = frame.groupby("label", sort=False)[panels].agg(["mean", "std"])
+    paths = [plot_metrics(frame, metrics, Path(f"{stem}-metrics.png")), Path(f"{stem}-cost.png")]
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, column in zip(axes, panels):
@@ -231,9 +257,7 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
     metrics = metric_columns(frame)
     valid = valid_column(frame, suite)
     groups = list(frame.groupby("label", sort=False))
-    parts += ["## Accuracy (mean ± std over seeds)", _table(
-        ["label", "n"] + [m[len("test_"):] for m in metrics] + [f"valid {c[len('valid_'):]}" for c in valid],
-        [[label, len(g)] + [_mean_std(g[c]) for c in metrics + valid] for label, g in groups])]
+    parts += ["## Accuracy (mean ± std over seeds)", accuracy_table(frame, metrics + valid)]
     parts += ["## Cost (mean ± std over seeds)", _table(
         ["label", "device"] + [_memory_kind(frame) if c == "peak_mem_mb" else h for c, h in COST.items()],
         [[label, ", ".join(g.device.unique())] + [_mean_std(g[c], 1 if c in ("best_epoch", "epochs_run") else 3)
@@ -252,11 +276,11 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
                   "of the items held out of training entirely (`cold_item_ratio`). Both rank all items. An "
                   "ID-only model's cold items got no positive signal: it is the floor there."]
     tested = metrics + warm + cold
-    significance = _significance(frame, suite.reference, frame.label.unique(), tested, out_dir / "per_user")
-    if significance:
-        parts += [f"## Against {suite.reference}", significance]
+    against_reference = significance(frame, suite.reference, frame.label.unique(), tested, out_dir / "per_user")
+    if against_reference:
+        parts += [f"## Against {suite.reference}", against_reference]
     for label, against in suite.pairs:
-        pair = _significance(frame, against, [label], tested, out_dir / "per_user")
+        pair = significance(frame, against, [label], tested, out_dir / "per_user")
         if pair:
             parts += [f"## {label} against {against}", pair]
     paper = _paper(frame, suite)
