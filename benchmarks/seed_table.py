@@ -41,7 +41,7 @@ def report(frame: pd.DataFrame, reference: str) -> str:
         "## Mean ± std over seeds", accuracy_table(frame, columns),
         f"## Change against {reference}, seed by seed", per_seed_changes(frame, reference, columns),
         f"## Against {reference}: change of the means and paired t over seeds",
-        significance(frame, reference, frame.label.unique(), columns)])
+        significance(frame, reference, frame.label.unique(), columns) or "(no label besides the reference)"])
 
 
 def main(argv=None):
