@@ -67,6 +67,7 @@ def test_quick_benchmark_records_summarises_and_resumes(planted, tmp_path, capsy
     bpr_ndcg = np.mean([float(r["test_ndcg@10"]) for r in rows if r["model"] == "BPR"])
     assert "| BPR | 2 |" in summary and "| MambaRec | 2 |" in summary and f"{bpr_ndcg:.4f} ±" in summary
     assert "## Against BPR" in summary and "| MambaRec | ndcg@10 |" in summary
+    assert "The per-user test compares the last seed's two trained runs" in summary  # how to read its p
     for png in ("quick-metrics.png", "quick-cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
     assert capsys.readouterr().out.count("] done ") == 4
@@ -459,6 +460,7 @@ def test_seed_table_recomputes_a_pages_means_changes_and_paired_t_from_a_curated
     gain = np.mean(abl) / np.mean(ref) - 1
     assert f"| A | ndcg@10 | {np.mean(abl):.4f} | {np.mean(ref):.4f} | {gain:+.1%} | {p:.3f} |\n" in out  # no per-user column
     assert "| B | ndcg@10 | 0.3300 | 0.3200 | +3.1% | – |\n" in out  # one seed: no test
+    assert "per-user test" not in out  # nor its caution
     assert (tmp_path / "t5-metrics.png").stat().st_size > 0
     with pytest.raises(ValueError, match="not a label"):
         script.report(pd.DataFrame(rows), "Z")
