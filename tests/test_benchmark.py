@@ -466,3 +466,32 @@ def test_seed_table_recomputes_a_pages_means_changes_and_paired_t_from_a_curated
         script.report(pd.DataFrame(rows), "Z")
     with pytest.raises(ValueError, match="twice"):
         script.report(pd.DataFrame(rows + rows[:1]), "R")
+
+
+def test_seed_null_tests_every_pair_of_seeds_of_a_label_per_user(tmp_path, capsys):
+    script = load_benchmark_script("seed_null")
+    rng = np.random.default_rng(0)
+    users = np.arange(200)
+    per_user = {  # seed 2 ranks every user higher than seed 1; seed 3 like seed 1 plus noise
+        1: rng.random(200), 2: None, 3: None}
+    per_user[2] = per_user[1] + 0.1
+    per_user[3] = per_user[1] + rng.normal(0, 0.01, 200)
+    rows = []
+    (tmp_path / "per_user").mkdir()
+    for seed, values in per_user.items():
+        rows.append({"label": "A", "model": "M", "seed": seed, "config_hash": "h", "test_ndcg@10": values.mean(),
+                     "test_users": 200})
+        np.savez(tmp_path / "per_user" / f"M-seed{seed}-h.npz", user_id=users, **{"ndcg@10": values})
+    rows.append({"label": "B", "model": "M", "seed": 1, "config_hash": "g", "test_ndcg@10": 0.5, "test_users": 200})
+    rows.append({"label": "C", "model": "M", "seed": 1, "config_hash": "k", "test_ndcg@10": 0.5, "test_users": 200})
+    rows.append({"label": "C", "model": "M", "seed": 2, "config_hash": "k", "test_ndcg@10": 0.5, "test_users": 200})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)  # B: one seed; C: no per-user files
+    script.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    p12, p13, p23 = (stats.wilcoxon(per_user[a] - per_user[b]).pvalue for a, b in [(1, 2), (1, 3), (2, 3)])
+    gain = per_user[1].mean() / per_user[2].mean() - 1
+    assert f"| A | 1 vs 2 | {gain:+.1%} ({p12:.2g}) |" in out
+    assert f"({p13:.2g}) |" in out and f"({p23:.2g}) |" in out
+    assert "| B |" not in out and "| C |" not in out
+    below = sum(p < 0.05 for p in (p12, p13, p23))
+    assert f"{below} of 3 per-user tests" in out and "(about 0.2 expected" in out  # 5% of 3

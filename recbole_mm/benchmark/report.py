@@ -95,7 +95,8 @@ def _counts(values: pd.Series) -> str:
     return ", ".join(str(int(v)) for v in sorted(values.dropna().unique())) or "–"
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
@@ -133,7 +134,7 @@ def user_wilcoxon(per_user_dir: Path, run: pd.Series, ref: pd.Series, metric: st
 def accuracy_table(frame: pd.DataFrame, columns: List[str]) -> str:
     """Mean ± std over seeds of each of ``columns`` for each label, in the frame's order."""
     groups = frame.groupby("label", sort=False)
-    return _table(["label", "n"] + [_metric_name(c) for c in columns],
+    return markdown_table(["label", "n"] + [_metric_name(c) for c in columns],
                   [[label, len(g)] + [_mean_std(g[c]) for c in columns] for label, g in groups])
 
 
@@ -169,7 +170,7 @@ def significance(frame, reference, labels, metrics, per_user_dir: Optional[Path]
     if per_user_dir is not None:  # measured: two seeds of one configuration differ per user at p < 0.05 often
         note += (" The per-user test compares the last seed's two trained runs, so it also fires between two"
                  " seeds of one configuration; judge a configuration by the test over seeds.")
-    return (_table(header, rows) + "\n\n" + note) if rows else None
+    return (markdown_table(header, rows) + "\n\n" + note) if rows else None
 
 
 def per_seed_changes(frame: pd.DataFrame, reference: str, columns: List[str]) -> str:
@@ -181,7 +182,7 @@ def per_seed_changes(frame: pd.DataFrame, reference: str, columns: List[str]) ->
         seeds = sorted(set(mine.index) & set(ref.index))
         rows.append([label, ", ".join(map(str, seeds))]
                     + [" / ".join(f"{mine.at[s, c] / ref.at[s, c] - 1:+.1%}" for s in seeds) for c in columns])
-    return _table(["label", "seeds"] + [_metric_name(c) for c in columns], rows)
+    return markdown_table(["label", "seeds"] + [_metric_name(c) for c in columns], rows)
 
 
 def _paper(frame, suite) -> Optional[str]:
@@ -198,7 +199,7 @@ def _paper(frame, suite) -> Optional[str]:
     order_paper = sorted(paper, key=lambda lbl: -paper[lbl].get(first, float("-inf")))
     means = frame.groupby("label")[f"test_{first}"].mean() if f"test_{first}" in frame else pd.Series(dtype=float)
     order_ours = [lbl for lbl in means.sort_values(ascending=False).index if lbl in paper]
-    text = _table(["label"] + [f"{m}: paper / ours" for m in metrics], rows)
+    text = markdown_table(["label"] + [f"{m}: paper / ours" for m in metrics], rows)
     return (f"{text}\n\nOrder by {first}: paper {' > '.join(order_paper)}; "
             f"ours {' > '.join(order_ours) or '(no runs yet)'}.\n\nSource: {suite.paper.get('source', '?')}")
 
@@ -263,7 +264,7 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
     valid = valid_column(frame, suite)
     groups = list(frame.groupby("label", sort=False))
     parts += ["## Accuracy (mean ± std over seeds)", accuracy_table(frame, metrics + valid)]
-    parts += ["## Cost (mean ± std over seeds)", _table(
+    parts += ["## Cost (mean ± std over seeds)", markdown_table(
         ["label", "device"] + [_memory_kind(frame) if c == "peak_mem_mb" else h for c, h in COST.items()],
         [[label, ", ".join(g.device.unique())] + [_mean_std(g[c], 1 if c in ("best_epoch", "epochs_run") else 3)
                                                    for c in list(COST)[:-1]] + [f"{int(g.params.iloc[0]):,}"]
@@ -273,7 +274,7 @@ def summarise(suite: Suite, runs: List[Run], csv_path: Path, out_dir: Path, comm
               "and RecBole themselves."]
     warm, cold = group_columns(frame, "warm"), group_columns(frame, "cold")
     if warm or cold:
-        parts += ["## Warm and cold items (test, mean ± std over seeds)", _table(
+        parts += ["## Warm and cold items (test, mean ± std over seeds)", markdown_table(
             ["label", "n", "cold items", "warm / cold targets"] + [_metric_name(c) for c in warm + cold],
             [[label, len(g), _counts(g.cold_items), f"{_counts(g.warm_targets)} / {_counts(g.cold_targets)}"]
              + [_mean_std(g[c]) for c in warm + cold] for label, g in groups]),
