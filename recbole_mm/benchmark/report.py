@@ -135,7 +135,7 @@ def accuracy_table(frame: pd.DataFrame, columns: List[str]) -> str:
     """Mean ± std over seeds of each of ``columns`` for each label, in the frame's order."""
     groups = frame.groupby("label", sort=False)
     return markdown_table(["label", "n"] + [_metric_name(c) for c in columns],
-                  [[label, len(g)] + [_mean_std(g[c]) for c in columns] for label, g in groups])
+                          [[label, len(g)] + [_mean_std(g[c]) for c in columns] for label, g in groups])
 
 
 def significance(frame, reference, labels, metrics, per_user_dir: Optional[Path] = None) -> Optional[str]:
