@@ -472,10 +472,8 @@ def test_seed_null_tests_every_pair_of_seeds_of_a_label_per_user(tmp_path, capsy
     script = load_benchmark_script("seed_null")
     rng = np.random.default_rng(0)
     users = np.arange(200)
-    per_user = {  # seed 2 ranks every user higher than seed 1; seed 3 like seed 1 plus noise
-        1: rng.random(200), 2: None, 3: None}
-    per_user[2] = per_user[1] + 0.1
-    per_user[3] = per_user[1] + rng.normal(0, 0.01, 200)
+    base = rng.random(200)  # seed 2 ranks every user higher than seed 1; seed 3 like seed 1 plus noise
+    per_user = {1: base, 2: base + 0.1, 3: base + rng.normal(0, 0.01, 200)}
     rows = []
     (tmp_path / "per_user").mkdir()
     for seed, values in per_user.items():
