@@ -14,13 +14,20 @@ values as the benchmark's ``results.csv`` holds them (RecBole's 4 digits), and a
 
 With ``--plot STEM`` it also writes ``STEM-metrics.png`` (test metrics, mean ± std).
 
-    python benchmarks/seed_table.py docs/results/findrec-table5-beauty.csv --reference "FindRec" \\
+``--pool NAME LABEL LABEL ...`` adds a label ``NAME`` whose run on a seed is the mean of the given
+labels' runs on that seed (the seeds they all have): two trainings of one configuration on each seed
+(a rerun beside the original) make a steadier reference than either alone, since a rerun on the same
+seed moves a run's metrics as a new seed does.
+
+    python benchmarks/seed_table.py docs/results/findrec-table5-beauty.csv \\
+        --pool "FindRec (both runs)" FindRec "FindRec (rerun)" --reference "FindRec (both runs)" \\
         --plot docs/results/findrec-table5-beauty
 """
 
 import argparse
 import sys
 from pathlib import Path
+from typing import List
 
 import pandas as pd
 
@@ -28,6 +35,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout bei
 
 from recbole_mm.benchmark.report import (  # noqa: E402
     accuracy_table, metric_columns, per_seed_changes, plot_metrics, significance)
+
+
+def pool(frame: pd.DataFrame, name: str, labels: List[str]) -> pd.DataFrame:
+    """``frame`` with a label ``name`` added: per seed that every one of ``labels`` has, the mean of their
+    metric columns; an unknown label, fewer than two labels or no common seed raises ``ValueError``."""
+    unknown = sorted(set(labels) - set(frame.label))
+    if unknown or len(set(labels)) < 2:
+        raise ValueError(f"--pool needs two or more labels of the CSV, got {labels} (unknown: {unknown})")
+    if name in set(frame.label):
+        raise ValueError(f"--pool's name {name!r} is already a label of the CSV")
+    columns = metric_columns(frame) + [c for c in frame.columns if c.startswith("valid_")]
+    runs = frame[frame.label.isin(labels)]
+    common = runs.groupby("seed").label.nunique() == len(set(labels))
+    if not common.any():
+        raise ValueError(f"--pool: the labels {labels} have no seed in common")
+    pooled = runs[runs.seed.isin(common[common].index)].groupby("seed", as_index=False)[columns].mean()
+    return pd.concat([frame, pooled.assign(label=name)], ignore_index=True)
 
 
 def report(frame: pd.DataFrame, reference: str) -> str:
@@ -48,9 +72,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=Path)
     parser.add_argument("--reference", required=True, help="the label every other label is tested against")
+    parser.add_argument("--pool", nargs="+", metavar=("NAME", "LABEL"),
+                        help="add label NAME: per seed, the mean of the LABELs' runs (two or more)")
     parser.add_argument("--plot", type=Path, help="write STEM-metrics.png")
     args = parser.parse_args(argv)
     frame = pd.read_csv(args.csv)
+    if args.pool:
+        frame = pool(frame, args.pool[0], args.pool[1:])
     print(report(frame, args.reference))
     if args.plot:
         print(f"\n![metrics]({plot_metrics(frame, metric_columns(frame), Path(f'{args.plot}-metrics.png')).name})")

@@ -468,6 +468,30 @@ def test_seed_table_recomputes_a_pages_means_changes_and_paired_t_from_a_curated
         script.report(pd.DataFrame(rows + rows[:1]), "R")
 
 
+def test_seed_table_pools_two_runs_of_a_configuration_per_seed_into_one_reference(tmp_path, capsys):
+    script = load_benchmark_script("seed_table")
+    first, rerun, abl = [0.30, 0.32, 0.35], [0.34, 0.30], [0.20, 0.25, 0.21]  # the rerun lacks seed 3
+    rows = ([{"label": "R", "seed": s, "test_ndcg@10": v} for s, v in zip([1, 2, 3], first)]
+            + [{"label": "R2", "seed": s, "test_ndcg@10": v} for s, v in zip([1, 2], rerun)]
+            + [{"label": "A", "seed": s, "test_ndcg@10": v} for s, v in zip([1, 2, 3], abl)])
+    path = tmp_path / "curated.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    script.main([str(path), "--pool", "R both", "R", "R2", "--reference", "R both"])
+    out = capsys.readouterr().out
+    both = [(0.30 + 0.34) / 2, (0.32 + 0.30) / 2]  # seeds 1 and 2 only: the seeds both labels have
+    assert f"| R both | 2 | {np.mean(both):.4f} ± {np.std(both, ddof=1):.4f} |" in out
+    p = stats.ttest_rel(abl[:2], both).pvalue
+    assert f"| A | ndcg@10 | {np.mean(abl[:2]):.4f} | {np.mean(both):.4f} | {np.mean(abl[:2]) / np.mean(both) - 1:+.1%} | {p:.3f} |" in out
+    frame = pd.DataFrame(rows)
+    for bad, match in [(["R", "Z"], "unknown"), (["R"], "two or more"), (["R", "R"], "two or more")]:
+        with pytest.raises(ValueError, match=match):
+            script.pool(frame, "P", bad)
+    with pytest.raises(ValueError, match="already a label"):
+        script.pool(frame, "A", ["R", "R2"])
+    with pytest.raises(ValueError, match="no seed in common"):
+        script.pool(pd.DataFrame(rows[:1] + rows[4:5]), "P", ["R", "R2"])
+
+
 def test_seed_null_tests_every_pair_of_seeds_of_a_label_per_user(tmp_path, capsys):
     script = load_benchmark_script("seed_null")
     rng = np.random.default_rng(0)
