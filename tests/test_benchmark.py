@@ -517,3 +517,5 @@ def test_seed_null_tests_every_pair_of_seeds_of_a_label_per_user(tmp_path, capsy
     assert "| B |" not in out and "| C |" not in out
     below = sum(p < 0.05 for p in (p12, p13, p23))
     assert f"{below} of 3 per-user tests" in out and "(about 0.2 expected" in out  # 5% of 3
+    z2 = np.mean([stats.norm.isf(p / 2) ** 2 for p in (p12, p13, p23)])
+    assert f"Mean z^2 of each label's tests (about 1 if the test measured the configuration): A {z2:.2f}." in out
