@@ -17,7 +17,8 @@ With ``--plot STEM`` it also writes ``STEM-metrics.png`` (test metrics, mean ± 
 ``--pool NAME LABEL LABEL ...`` adds a label ``NAME`` whose run on a seed is the mean of the given
 labels' runs on that seed (the seeds they all have): two trainings of one configuration on each seed
 (a rerun beside the original) make a steadier reference than either alone, since a rerun on the same
-seed moves a run's metrics as a new seed does.
+seed after a code change draws other dropout masks and moves the metrics (FindRec on the paper's
+Beauty: up to 3.8%, docs/results/findrec-table2-beauty.md).
 
     python benchmarks/seed_table.py docs/results/findrec-table5-beauty.csv \\
         --pool "FindRec (both runs)" FindRec "FindRec (rerun)" --reference "FindRec (both runs)" \\
