@@ -38,6 +38,11 @@ from recbole_mm.benchmark.report import (  # noqa: E402
     accuracy_table, metric_columns, per_seed_changes, plot_metrics, significance)
 
 
+def value_columns(frame: pd.DataFrame) -> List[str]:
+    """The CSV's test metric columns, then its validation ones: what is averaged, tabled and tested."""
+    return metric_columns(frame) + [c for c in frame.columns if c.startswith("valid_")]
+
+
 def pool(frame: pd.DataFrame, name: str, labels: List[str]) -> pd.DataFrame:
     """``frame`` with a label ``name`` added: per seed that every one of ``labels`` has, the mean of their
     metric columns; an unknown label, fewer than two labels or no common seed raises ``ValueError``."""
@@ -46,7 +51,7 @@ def pool(frame: pd.DataFrame, name: str, labels: List[str]) -> pd.DataFrame:
         raise ValueError(f"--pool needs two or more labels of the CSV, got {labels} (unknown: {unknown})")
     if name in set(frame.label):
         raise ValueError(f"--pool's name {name!r} is already a label of the CSV")
-    columns = metric_columns(frame) + [c for c in frame.columns if c.startswith("valid_")]
+    columns = value_columns(frame)
     runs = frame[frame.label.isin(labels)]
     common = runs.groupby("seed").label.nunique() == len(set(labels))
     if not common.any():
@@ -61,7 +66,7 @@ def report(frame: pd.DataFrame, reference: str) -> str:
         raise ValueError(f"--reference {reference!r} is not a label of the CSV: {sorted(set(frame.label))}")
     if frame.duplicated(["label", "seed"]).any():
         raise ValueError("the CSV holds a (label, seed) twice: keep one row per run")
-    columns = metric_columns(frame) + [c for c in frame.columns if c.startswith("valid_")]
+    columns = value_columns(frame)
     return "\n\n".join([
         "## Mean ± std over seeds", accuracy_table(frame, columns),
         f"## Change against {reference}, seed by seed", per_seed_changes(frame, reference, columns),
