@@ -121,7 +121,8 @@ def test_mmd_gradient_step_pulls_the_samples_together():
     assert after.item() < before.item()
 
 
-@pytest.mark.parametrize("block_values", [1 << 17, 20])  # one block; blocks of one or two rows
+# one block; blocks of one or two rows; of three or four (the within-sample matrices' diagonal squares)
+@pytest.mark.parametrize("block_values", [1 << 17, 20, 40])
 @pytest.mark.parametrize("m, bandwidth", [(12, [1.0]), (12, [0.7, 1.5, 3.0]), (9, [1.3])])
 def test_mmd_gradient_equals_autograd_through_the_distance_form(m, bandwidth, block_values, monkeypatch):
     """The hand-written backward of MMDLoss (paired, m = n, and unpaired) against autograd through
@@ -145,6 +146,32 @@ def test_mmd_gradient_equals_autograd_through_the_distance_form(m, bandwidth, bl
     for a, b in zip(grads, torch.autograd.grad(expected, [x, y])):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert torch.autograd.gradcheck(mmd, (x, y))
+
+
+@pytest.mark.parametrize("loss", [MMDLoss([0.8, 2.0]), InfoNCELoss(0.3)], ids=["mmd", "infonce"])
+def test_alignment_loss_gradients_come_with_the_value_for_what_needs_them(loss, monkeypatch):
+    """Both losses compute their gradients in the forward pass: they must go only to the inputs that
+    need them, scale with the gradient that arrives, and leave the value the same with and without
+    autograd (no_grad, detached inputs)."""
+    monkeypatch.setattr("recbole_mm.model.loss.mmd._BLOCK_VALUES", 40)
+    monkeypatch.setattr("recbole_mm.model.loss.infonce._BLOCK_VALUES", 40)
+    g = torch.Generator().manual_seed(13)
+    x0 = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    y0 = torch.randn(10, 4, generator=g, dtype=torch.float64) + 0.3
+    x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    value = loss(x, y)
+    full = torch.autograd.grad(3.5 * value, [x, y])
+    with torch.no_grad():
+        assert loss(x, y).item() == value.item()
+    assert loss(x0, y0).item() == value.item()
+    # one side constant: the other side's gradient is unchanged
+    only_y = y0.clone().requires_grad_()
+    (grad_y,) = torch.autograd.grad(loss(x0, only_y), [only_y])
+    assert torch.allclose(3.5 * grad_y, full[1], rtol=1e-12)
+    only_x = x0.clone().requires_grad_()
+    (grad_x,) = torch.autograd.grad(loss(only_x, y0), [only_x])
+    assert torch.allclose(3.5 * grad_x, full[0], rtol=1e-12)
+    assert full[0].abs().max() > 0 and full[1].abs().max() > 0
 
 
 def test_gaussian_kernel_slope_is_the_derivative_in_the_exponent():
@@ -181,7 +208,7 @@ def test_infonce_matches_hand_computation():
     assert InfoNCELoss(tau)(a, b).item() == pytest.approx(expected / 3, rel=1e-5)
 
 
-@pytest.mark.parametrize("block_values", [1 << 17, 20])  # one block; blocks of one or two rows
+@pytest.mark.parametrize("block_values", [1 << 17, 20, 40])  # one block; blocks of one or two rows; of three
 @pytest.mark.parametrize("tau", [0.2, 0.005])  # 0.005: logits up to 200, exp() would overflow unshifted
 def test_infonce_value_and_gradients_equal_cross_entropy_over_the_logits(tau, block_values, monkeypatch):
     # the blocked loss with its hand-written backward against autograd through torch's cross-entropy

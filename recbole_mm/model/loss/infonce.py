@@ -34,7 +34,7 @@ class InfoNCELoss(nn.Module):
             raise ValueError(
                 f"InfoNCE needs two views of the same items, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         # 1/tau on the n rows of a rather than on the n x n logits
-        return _InfoNCE.apply(F.normalize(a, dim=-1) / self.temperature, F.normalize(b, dim=-1))
+        return _InfoNCE.apply(F.normalize(a, dim=-1) / self.temperature, F.normalize(b, dim=-1), torch.is_grad_enabled())
 
 
 #: logits per block of :class:`_InfoNCE`: 512 KB in float32, so that a block's passes stay in the cache
@@ -43,33 +43,39 @@ _BLOCK_VALUES = 1 << 17
 
 class _InfoNCE(torch.autograd.Function):
     """``mean_i (logsumexp_j q_i . k_j - q_i . k_i)`` (eq. 10 with ``q = a / tau``, ``k = b``, both
-    normalised) over row blocks of the logits, never holding the ``[N, N]`` matrix: the forward keeps
-    each row's log-sum-exp, the backward recomputes a block's softmax ``P`` from it and takes
-    ``dL/dq = (P - I) k / N``, ``dL/dk = (P - I)^T q / N``. The same value and gradients as
-    ``F.cross_entropy(q @ k.T, arange(N))``; fresh ``[N, N]`` matrices cost more than their
-    products on a CPU (MambaRec's ~1700 items: ~25 ms instead of ~50 ms forward + backward, one
+    normalised) over row blocks of the logits, never holding the ``[N, N]`` matrix. When an input
+    needs a gradient it is computed in the same pass, from the block's softmax ``P`` at hand:
+    ``dL/dq = (P - I) k / N``, ``dL/dk = (P - I)^T q / N``; the backward only scales it, so no block's
+    logits and ``exp`` are computed twice (training always back-propagates the loss). The same value
+    and gradients as ``F.cross_entropy(q @ k.T, arange(N))``; fresh ``[N, N]`` matrices cost more than
+    their products on a CPU (MambaRec's ~1700 items: ~25 ms instead of ~50 ms forward + backward, one
     thread, loaded machine)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
         n = q.shape[0]
-        lse = q.new_empty(n)
+        # needs_input_grad says what requires a gradient, also under no_grad, where nothing will ask
+        want_q, want_k = (need and grad_enabled for need in ctx.needs_input_grad[:2])
+        grad_q = torch.empty_like(q) if want_q else None
+        grad_k = torch.zeros_like(k) if want_k else None
+        lse_sum = q.new_zeros(())
         for rows in row_blocks(n, n, _BLOCK_VALUES, q.device):
             logits = torch.mm(q[rows], k.T)
             top = logits.amax(1, keepdim=True)  # the stable form: exp of values <= 0
-            lse[rows] = top[:, 0] + logits.sub_(top).exp_().sum(1).log_()
-        ctx.save_for_backward(q, k, lse)
-        return (lse.sum() - (q * k).sum()) / n
+            p = logits.sub_(top).exp_()
+            total = p.sum(1, keepdim=True)
+            lse_sum += top.sum() + total.log().sum()
+            if want_q or want_k:
+                p.div_(total).diagonal(rows.start).sub_(1.0)  # softmax rows minus the one-hot target
+                if want_q:
+                    torch.mm(p, k, out=grad_q[rows])
+                if want_k:
+                    grad_k.addmm_(p.T, q[rows])
+        ctx.save_for_backward(*(g.div_(n) if g is not None else t.new_zeros(()) for g, t in ((grad_q, q), (grad_k, k))))
+        return (lse_sum - (q * k).sum()) / n
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, k, lse = ctx.saved_tensors
-        n = q.shape[0]
-        scale = grad / n
-        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
-        for rows in row_blocks(n, n, _BLOCK_VALUES, q.device):
-            p = torch.mm(q[rows], k.T).sub_(lse[rows, None]).exp_()  # softmax rows
-            p.diagonal(rows.start).sub_(1.0)  # minus the one-hot target
-            torch.mm(p, k, out=grad_q[rows])
-            grad_k.addmm_(p.T, q[rows])
-        return grad_q.mul_(scale), grad_k.mul_(scale)
+        grad_q, grad_k = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        return grad * grad_q if want[0] else None, grad * grad_k if want[1] else None, None

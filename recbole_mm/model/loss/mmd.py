@@ -18,19 +18,20 @@ estimates may then be slightly negative).
 
 Cost. The estimate is ``sum_ij W_ij k(a_i, b_j)`` over three kernel matrices with constant weights
 ``W``, and a Gaussian kernel's gradient is ``dk(a_i, b_j)/da_i = k'_ij (b_j - a_i)`` with ``k' = dk/dE``,
-``E = -||a_i - b_j||^2 / 2``: :class:`_UnbiasedMMD`'s backward is one matrix product per matrix and
-side plus row / column sums, instead of autograd's way back through the sums, the diagonal, the
-``exp``, the scaling and the distances (MambaRec's MMD on ~1700 items of 64 values, forward +
-backward, one thread: 0.07 s instead of 0.15 s). Each matrix is walked in cache-sized row blocks and
-never held whole; the backward recomputes a block's kernel from the inputs rather than keeping
-three ``[N, N]`` matrices from the forward pass, whose fresh memory cost more than the
-recomputation (~1700 items, one thread, loaded machine, old and new interleaved: 0.11 s instead of
-0.16 s forward + backward; 0.20 s instead of 0.31 s with three bandwidths).
-The clamp of ``E`` at 0 against rounding is no step in that backward: it acts only where two points
+``E = -||a_i - b_j||^2 / 2``, so the gradient is one matrix product per matrix and side plus row /
+column sums, instead of autograd's way back through the sums, the diagonal, the ``exp``, the scaling
+and the distances (MambaRec's MMD on ~1700 items of 64 values, forward + backward, one thread: 0.07 s
+instead of 0.15 s). :class:`_UnbiasedMMD` walks each matrix in cache-sized row blocks and never holds
+it whole. When an input needs a gradient, that gradient is computed in the same pass as the value,
+from the block of the kernel at hand, and the backward only scales it: each block's exponent and
+``exp`` are computed once per step, not again in the backward (training always back-propagates the
+loss). The two within-sample matrices are symmetric, so only their blocks on and above the diagonal
+are computed, each pair ``(i, j)`` once for both of its entries.
+The clamp of ``E`` at 0 against rounding is no step in the gradient: it acts only where two points
 coincide up to rounding, where ``k'_ij (b_j - a_i)`` is zero to the same precision.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class MMDLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < 2 or y.shape[0] < 2:
             raise ValueError(f"unbiased MMD needs at least 2 samples per side, got {x.shape[0]} and {y.shape[0]}")
-        return _UnbiasedMMD.apply(x, y, self.bandwidth)
+        return _UnbiasedMMD.apply(x, y, self.bandwidth, torch.is_grad_enabled())
 
 
 #: values of a kernel block (:class:`_UnbiasedMMD`): 512 KB in float32, so that the passes over a
@@ -69,55 +70,90 @@ _BLOCK_VALUES = 1 << 17
 
 
 class _UnbiasedMMD(torch.autograd.Function):
-    """``MMD^2_u(x, y)`` (module docstring) with its gradient written out ("Cost"), each kernel matrix
-    walked in row blocks and never held whole: the backward recomputes a block's kernel."""
+    """``MMD^2_u(x, y)`` (module docstring, "Cost"): the value and, for the inputs that need one, the
+    gradient in one pass over row blocks of the three kernel matrices; the backward scales the kept
+    gradients."""
 
     @staticmethod
-    def _terms(n: int, m: int):
-        """``(a, b, weight of each kernel value, whether the diagonal is left out)`` per kernel
-        matrix, ``0`` = x and ``1`` = y: eq. 3 when paired, Lemma 6 otherwise."""
-        paired = n == m
-        return ((0, 0, 1 / (n * (n - 1)), True), (1, 1, 1 / (m * (m - 1)), True),
-                (0, 1, -2 / (n * (n - 1)) if paired else -2 / (n * m), paired))
-
-    @staticmethod
-    def _blocks(a: torch.Tensor, b: torch.Tensor, bandwidth: List[float], off_diagonal: bool, slope: bool):
-        """``(rows, kernel block)`` (or its slope ``S``, :func:`kernel_from_exponent`) over row blocks
-        of ``K(a, b)``, the diagonal zeroed when it is left out."""
-        left, right, ratios = exponent_factors(a, b, bandwidth)
-        for rows in row_blocks(a.shape[0], b.shape[0], _BLOCK_VALUES, a.device):
-            block = kernel_from_exponent(torch.mm(left[rows], right.T).clamp_max_(0.0), ratios, slope=slope)
-            block = block[1] if slope else block
-            if off_diagonal:
-                block.diagonal(rows.start).zero_()  # entries (i, i) of the block's rows
-            yield rows, block
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, bandwidth: List[float]) -> torch.Tensor:
-        sets, value = (x, y), x.new_zeros(())
-        for i, j, weight, off_diagonal in _UnbiasedMMD._terms(x.shape[0], y.shape[0]):
-            for _, block in _UnbiasedMMD._blocks(sets[i], sets[j], bandwidth, off_diagonal, slope=False):
-                value += weight * block.sum()
-        ctx.save_for_backward(x, y)
-        ctx.bandwidth = bandwidth
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, bandwidth: List[float], grad_enabled: bool) -> torch.Tensor:
+        n, m = x.shape[0], y.shape[0]
+        paired = n == m  # eq. 3 when paired, Lemma 6 otherwise
+        # needs_input_grad says what requires a gradient, also under no_grad, where nothing will ask
+        want = [need and grad_enabled for need in ctx.needs_input_grad[:2]]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, y), want)]
+        value = x.new_zeros(())
+        for t, grad, weight in ((x, grads[0], 1 / (n * (n - 1))), (y, grads[1], 1 / (m * (m - 1)))):
+            value += _symmetric_term(t, bandwidth, weight, grad)
+        value += _cross_term(x, y, bandwidth, -2 / (n * (n - 1)) if paired else -2 / (n * m), paired, grads)
+        ctx.save_for_backward(*(g if g is not None else t.new_zeros(()) for g, t in zip(grads, (x, y))))
         return value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        sets = ctx.saved_tensors
-        grads = [torch.zeros_like(t) for t in sets]
-        inv_sq = ctx.bandwidth[0] ** -2  # dK/dE = S / s_0^2
-        for i, j, weight, off_diagonal in _UnbiasedMMD._terms(sets[0].shape[0], sets[1].shape[0]):
-            a, b = sets[i], sets[j]
-            # d/da_r sum_c W k(a_r, b_c) = W / s_0^2 sum_c S_rc (b_c - a_r); a within-sample matrix is
-            # symmetric and each point sits on both of its sides (factor 2)
-            c = weight * inv_sq * (2 if i == j else 1)
-            col_sums = b.new_zeros(b.shape[0], 1) if i != j else None
-            for rows, s in _UnbiasedMMD._blocks(a, b, ctx.bandwidth, off_diagonal, slope=True):
-                grads[i][rows].addmm_(s, b, alpha=c).addcmul_(s.sum(1, keepdim=True), a[rows], value=-c)
-                if i != j:  # b's side: sum_r S_rc (a_r - b_c), gathered block by block
-                    grads[j].addmm_(s.T, a[rows], alpha=c)
-                    col_sums += s.sum(0)[:, None]
-            if i != j:
-                grads[j].addcmul_(col_sums, b, value=-c)
-        return grad * grads[0], grad * grads[1], None
+        grad_x, grad_y = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        return grad * grad_x if want[0] else None, grad * grad_y if want[1] else None, None, None
+
+
+def _kernel_block(left: torch.Tensor, right: torch.Tensor, ratios: List[float], slope: bool, diagonal: Optional[int]):
+    """``(K, S)`` for the rows of :func:`exponent_factors`' ``left`` and ``right`` given (``S`` None
+    unless ``slope``; the same tensor as ``K`` with one bandwidth), entries ``(i, i + diagonal)``
+    zeroed unless ``diagonal`` is None."""
+    exponent = torch.mm(left, right.T).clamp_max_(0.0)
+    kernel, slopes = kernel_from_exponent(exponent, ratios, slope=True) if slope else (kernel_from_exponent(exponent, ratios), None)
+    if diagonal is not None:
+        for t in _distinct(kernel, slopes):
+            t.diagonal(diagonal).zero_()
+    return kernel, slopes
+
+
+def _distinct(kernel: torch.Tensor, slope: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors an in-place change must reach: ``K`` alone when ``S`` is None or ``K`` itself."""
+    return [kernel] if slope is None or slope is kernel else [kernel, slope]
+
+
+def _symmetric_term(a: torch.Tensor, bandwidth: List[float], weight: float, grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight * sum_{i != j} k(a_i, a_j)``, its gradient added into ``grad`` unless that is None.
+
+    Row block ``r0:r1`` takes the columns from ``r0`` on: the square ``r0:r1`` holds both entries of
+    each of its pairs and is halved, the rest holds one entry of each pair, so every unordered pair
+    counts once and the sum is doubled. The gradient ``2 W / s_0^2 sum_c S_rc (a_c - a_r)`` gathers
+    each block's pairs from both ends: ``S a_cols`` into its rows, ``S^T a_rows`` into its columns."""
+    left, right, ratios = exponent_factors(a, a, bandwidth)
+    n, c = a.shape[0], 2 * weight * bandwidth[0] ** -2
+    total = a.new_zeros(())
+    for rows in row_blocks(n, n, _BLOCK_VALUES, a.device):
+        cols = slice(rows.start, n)
+        kernel, slope = _kernel_block(left[rows], right[cols], ratios, grad is not None, diagonal=0)
+        square = rows.stop - rows.start
+        for t in _distinct(kernel, slope):
+            t[:, :square].mul_(0.5)
+        total += kernel.sum()
+        if grad is not None:
+            grad[rows].addmm_(slope, a[cols], alpha=c).addcmul_(slope.sum(1, keepdim=True), a[rows], value=-c)
+            grad[cols].addmm_(slope.T, a[rows], alpha=c).addcmul_(slope.sum(0)[:, None], a[cols], value=-c)
+    return 2 * weight * total
+
+
+def _cross_term(x: torch.Tensor, y: torch.Tensor, bandwidth: List[float], weight: float, paired: bool,
+                grads: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``weight * sum_ij k(x_i, y_j)`` (``i != j`` when ``paired``), its gradients added into
+    ``grads`` (``[for x, for y]``, None where not needed): ``W / s_0^2 sum_j S_ij (y_j - x_i)`` for
+    ``x_i``, ``W / s_0^2 sum_i S_ij (x_i - y_j)`` for ``y_j``, gathered block by block."""
+    left, right, ratios = exponent_factors(x, y, bandwidth)
+    c = weight * bandwidth[0] ** -2
+    grad_x, grad_y = grads
+    col_sums = y.new_zeros(y.shape[0], 1) if grad_y is not None else None
+    total = x.new_zeros(())
+    for rows in row_blocks(x.shape[0], y.shape[0], _BLOCK_VALUES, x.device):
+        kernel, slope = _kernel_block(left[rows], right, ratios, grad_x is not None or grad_y is not None,
+                                      diagonal=rows.start if paired else None)
+        total += kernel.sum()
+        if grad_x is not None:
+            grad_x[rows].addmm_(slope, y, alpha=c).addcmul_(slope.sum(1, keepdim=True), x[rows], value=-c)
+        if grad_y is not None:
+            grad_y.addmm_(slope.T, x[rows], alpha=c)
+            col_sums += slope.sum(0)[:, None]
+    if grad_y is not None:
+        grad_y.addcmul_(col_sums, y, value=-c)
+    return weight * total
