@@ -89,10 +89,24 @@ def _assert_same_output_and_gradients(dream, x, expected):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def gate_backend(request, monkeypatch):
+    """Runs a test with DREAM's compiled gate (csrc/dream_gate.c) and with the torch ops it replaces."""
+    from recbole_mm.model.layers import dream as dream_mod
+
+    if request.param == "kernel":
+        lib, why = dream_mod.load_kernel()
+        if lib is None:
+            pytest.skip(f"DREAM's gate kernel is not built here: {why}")
+    else:
+        monkeypatch.setattr(dream_mod, "load_kernel", lambda: (None, "off for this test"))
+    return request.param
+
+
 @pytest.mark.parametrize("map_shape", [None, [48, 1, 1]])
-def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape):
-    """_GatedMerge in blocks of 3 items (the last one shorter): output and every gradient as the
-    direct computation's."""
+def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape, gate_backend):
+    """_GatedMerge in blocks of 3 items (the last one shorter), with the compiled gate and without:
+    output and every gradient as the direct computation's."""
     from recbole_mm.model.layers import dream as dream_mod
     from recbole_mm.model.layers.blocks import row_blocks
 
@@ -109,9 +123,11 @@ def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape):
     _assert_same_output_and_gradients(dream, x, expected)
 
 
-def test_gated_merge_gives_tied_gates_gradient_to_channel_attention():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_merge_gives_tied_gates_gradient_to_channel_attention(dtype, gate_backend):
     """Eq. 6 with M_c >= M_s picking M_c: where the gates tie, M_c gets the gradient, as autograd's
-    where(M_c >= M_s, M_c, M_s) would give it (float64, ties forced by gates on a grid of quarters)."""
+    where(M_c >= M_s, M_c, M_s) would give it (ties forced by gates on a grid of quarters; the
+    compiled gate takes float32, float64 runs the torch ops)."""
     from recbole_mm.model.layers.dream import _GatedMerge
 
     g = torch.Generator().manual_seed(3)
@@ -121,18 +137,19 @@ def test_gated_merge_gives_tied_gates_gradient_to_channel_attention():
     m_c = torch.randint(1, 4, (n, k), generator=g) / 4.0
     m_s = torch.randint(1, 4, (n, p), generator=g) / 4.0
     merge_w = torch.randn(c, k, generator=g)
-    inputs = [t.double().requires_grad_() for t in (x, weight, bias, m_c, m_s, merge_w)]
+    inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias, m_c, m_s, merge_w)]
     assert (inputs[3][:, None, :] == inputs[4][:, :, None]).sum() > 20  # many ties
     x, weight, bias, m_c, m_s, merge_w = inputs
     gate = torch.where(m_c[:, None, :] >= m_s[:, :, None], m_c[:, None, :], m_s[:, :, None])
     expected = ((x @ weight + bias).view(n, p, k) * gate) @ merge_w.T
     out = _GatedMerge.apply(*inputs)
-    assert torch.allclose(out, expected)
-    upstream = torch.randn(n, p, c, generator=g).double()
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(out, expected, atol=tol)
+    upstream = torch.randn(n, p, c, generator=g).to(dtype)
     grads = torch.autograd.grad((out * upstream).sum(), inputs)
     ref = torch.autograd.grad((expected * upstream).sum(), inputs)
     for a, b in zip(grads, ref):
-        assert torch.allclose(a, b)
+        assert torch.allclose(a, b, atol=tol)
 
 
 def test_dream_fusion_scales_the_signed_map_by_the_larger_gate():
