@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.model.layers.blocks import row_blocks
+from recbole_mm.model.loss.eager import GradientInForward
 
 
 class InfoNCELoss(nn.Module):
@@ -41,21 +42,20 @@ class InfoNCELoss(nn.Module):
 _BLOCK_VALUES = 1 << 17
 
 
-class _InfoNCE(torch.autograd.Function):
+class _InfoNCE(GradientInForward):
     """``mean_i (logsumexp_j q_i . k_j - q_i . k_i)`` (eq. 10 with ``q = a / tau``, ``k = b``, both
     normalised) over row blocks of the logits, never holding the ``[N, N]`` matrix. When an input
     needs a gradient it is computed in the same pass, from the block's softmax ``P`` at hand:
-    ``dL/dq = (P - I) k / N``, ``dL/dk = (P - I)^T q / N``; the backward only scales it, so no block's
-    logits and ``exp`` are computed twice (training always back-propagates the loss). The same value
-    and gradients as ``F.cross_entropy(q @ k.T, arange(N))``; fresh ``[N, N]`` matrices cost more than
-    their products on a CPU (MambaRec's ~1700 items: ~25 ms instead of ~50 ms forward + backward, one
-    thread, loaded machine)."""
+    ``dL/dq = (P - I) k / N``, ``dL/dk = (P - I)^T q / N``; no block's logits and ``exp`` are computed
+    twice (:class:`~recbole_mm.model.loss.eager.GradientInForward`). The same value and gradients as
+    ``F.cross_entropy(q @ k.T, arange(N))``; fresh ``[N, N]`` matrices cost more than their products
+    on a CPU (MambaRec's ~1700 items: ~25 ms instead of ~50 ms forward + backward, one thread, loaded
+    machine)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
         n = q.shape[0]
-        # needs_input_grad says what requires a gradient, also under no_grad, where nothing will ask
-        want_q, want_k = (need and grad_enabled for need in ctx.needs_input_grad[:2])
+        want_q, want_k = _InfoNCE.wanted(ctx, grad_enabled, 2)
         grad_q = torch.empty_like(q) if want_q else None
         grad_k = torch.zeros_like(k) if want_k else None
         lse_sum = q.new_zeros(())
@@ -71,11 +71,5 @@ class _InfoNCE(torch.autograd.Function):
                     torch.mm(p, k, out=grad_q[rows])
                 if want_k:
                     grad_k.addmm_(p.T, q[rows])
-        ctx.save_for_backward(*(g.div_(n) if g is not None else t.new_zeros(()) for g, t in ((grad_q, q), (grad_k, k))))
+        _InfoNCE.keep(ctx, [g.div_(n) if g is not None else None for g in (grad_q, grad_k)], (q, k))
         return (lse_sum - (q * k).sum()) / n
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_q, grad_k = ctx.saved_tensors
-        want = ctx.needs_input_grad
-        return grad * grad_q if want[0] else None, grad * grad_k if want[1] else None, None

@@ -24,8 +24,8 @@ and the distances (MambaRec's MMD on ~1700 items of 64 values, forward + backwar
 instead of 0.15 s). :class:`_UnbiasedMMD` walks each matrix in cache-sized row blocks and never holds
 it whole. When an input needs a gradient, that gradient is computed in the same pass as the value,
 from the block of the kernel at hand, and the backward only scales it: each block's exponent and
-``exp`` are computed once per step, not again in the backward (training always back-propagates the
-loss). The two within-sample matrices are symmetric, so only their blocks on and above the diagonal
+``exp`` are computed once per step, not again in the backward
+(:class:`~recbole_mm.model.loss.eager.GradientInForward`). The two within-sample matrices are symmetric, so only their blocks on and above the diagonal
 are computed, each pair ``(i, j)`` once for both of its entries.
 The clamp of ``E`` at 0 against rounding is no step in the gradient: it acts only where two points
 coincide up to rounding, where ``k'_ij (b_j - a_i)`` is zero to the same precision.
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from recbole_mm.model.layers.blocks import row_blocks
+from recbole_mm.model.loss.eager import GradientInForward
 from recbole_mm.model.loss.kernels import Bandwidth, exponent_factors, kernel_from_exponent
 
 
@@ -65,34 +66,25 @@ class MMDLoss(nn.Module):
 
 
 #: values of a kernel block (:class:`_UnbiasedMMD`): 512 KB in float32, so that the passes over a
-#: block (exponent, exp, sums, the backward's products) stay in the cache
+#: block (exponent, exp, sums, the gradient's products) stay in the cache
 _BLOCK_VALUES = 1 << 17
 
 
-class _UnbiasedMMD(torch.autograd.Function):
+class _UnbiasedMMD(GradientInForward):
     """``MMD^2_u(x, y)`` (module docstring, "Cost"): the value and, for the inputs that need one, the
-    gradient in one pass over row blocks of the three kernel matrices; the backward scales the kept
-    gradients."""
+    gradient in one pass over row blocks of the three kernel matrices."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, bandwidth: List[float], grad_enabled: bool) -> torch.Tensor:
         n, m = x.shape[0], y.shape[0]
         paired = n == m  # eq. 3 when paired, Lemma 6 otherwise
-        # needs_input_grad says what requires a gradient, also under no_grad, where nothing will ask
-        want = [need and grad_enabled for need in ctx.needs_input_grad[:2]]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, y), want)]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, y), _UnbiasedMMD.wanted(ctx, grad_enabled, 2))]
         value = x.new_zeros(())
         for t, grad, weight in ((x, grads[0], 1 / (n * (n - 1))), (y, grads[1], 1 / (m * (m - 1)))):
             value += _symmetric_term(t, bandwidth, weight, grad)
         value += _cross_term(x, y, bandwidth, -2 / (n * (n - 1)) if paired else -2 / (n * m), paired, grads)
-        ctx.save_for_backward(*(g if g is not None else t.new_zeros(()) for g, t in zip(grads, (x, y))))
+        _UnbiasedMMD.keep(ctx, grads, (x, y))
         return value
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_x, grad_y = ctx.saved_tensors
-        want = ctx.needs_input_grad
-        return grad * grad_x if want[0] else None, grad * grad_y if want[1] else None, None, None
 
 
 def _kernel_block(left: torch.Tensor, right: torch.Tensor, ratios: List[float], slope: bool, diagonal: Optional[int]):
