@@ -35,7 +35,8 @@ class InfoNCELoss(nn.Module):
             raise ValueError(
                 f"InfoNCE needs two views of the same items, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         # 1/tau on the n rows of a rather than on the n x n logits
-        return _InfoNCE.apply(F.normalize(a, dim=-1) / self.temperature, F.normalize(b, dim=-1), torch.is_grad_enabled())
+        return _InfoNCE.apply(F.normalize(a, dim=-1) / self.temperature, F.normalize(b, dim=-1),
+                              torch.is_grad_enabled())
 
 
 #: logits per block of :class:`_InfoNCE`: 512 KB in float32, so that a block's passes stay in the cache

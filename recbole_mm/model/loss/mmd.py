@@ -25,8 +25,9 @@ instead of 0.15 s). :class:`_UnbiasedMMD` walks each matrix in cache-sized row b
 it whole. When an input needs a gradient, that gradient is computed in the same pass as the value,
 from the block of the kernel at hand, and the backward only scales it: each block's exponent and
 ``exp`` are computed once per step, not again in the backward
-(:class:`~recbole_mm.model.loss.eager.GradientInForward`). The two within-sample matrices are symmetric, so only their blocks on and above the diagonal
-are computed, each pair ``(i, j)`` once for both of its entries.
+(:class:`~recbole_mm.model.loss.eager.GradientInForward`). The two within-sample matrices are
+symmetric, so only their blocks on and above the diagonal are computed, each pair ``(i, j)`` once
+for both of its entries.
 The clamp of ``E`` at 0 against rounding is no step in the gradient: it acts only where two points
 coincide up to rounding, where ``k'_ij (b_j - a_i)`` is zero to the same precision.
 """
@@ -78,7 +79,8 @@ class _UnbiasedMMD(GradientInForward):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, bandwidth: List[float], grad_enabled: bool) -> torch.Tensor:
         n, m = x.shape[0], y.shape[0]
         paired = n == m  # eq. 3 when paired, Lemma 6 otherwise
-        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, y), _UnbiasedMMD.wanted(ctx, grad_enabled, 2))]
+        wanted = _UnbiasedMMD.wanted(ctx, grad_enabled, 2)
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, y), wanted)]
         value = x.new_zeros(())
         for t, grad, weight in ((x, grads[0], 1 / (n * (n - 1))), (y, grads[1], 1 / (m * (m - 1)))):
             value += _symmetric_term(t, bandwidth, weight, grad)
@@ -87,12 +89,16 @@ class _UnbiasedMMD(GradientInForward):
         return value
 
 
-def _kernel_block(left: torch.Tensor, right: torch.Tensor, ratios: List[float], slope: bool, diagonal: Optional[int]):
+def _kernel_block(left: torch.Tensor, right: torch.Tensor, ratios: List[float], slope: bool,
+                  diagonal: Optional[int]):
     """``(K, S)`` for the rows of :func:`exponent_factors`' ``left`` and ``right`` given (``S`` None
     unless ``slope``; the same tensor as ``K`` with one bandwidth), entries ``(i, i + diagonal)``
     zeroed unless ``diagonal`` is None."""
     exponent = torch.mm(left, right.T).clamp_max_(0.0)
-    kernel, slopes = kernel_from_exponent(exponent, ratios, slope=True) if slope else (kernel_from_exponent(exponent, ratios), None)
+    if slope:
+        kernel, slopes = kernel_from_exponent(exponent, ratios, slope=True)
+    else:
+        kernel, slopes = kernel_from_exponent(exponent, ratios), None
     if diagonal is not None:
         for t in _distinct(kernel, slopes):
             t.diagonal(diagonal).zero_()
@@ -104,7 +110,8 @@ def _distinct(kernel: torch.Tensor, slope: Optional[torch.Tensor]) -> List[torch
     return [kernel] if slope is None or slope is kernel else [kernel, slope]
 
 
-def _symmetric_term(a: torch.Tensor, bandwidth: List[float], weight: float, grad: Optional[torch.Tensor]) -> torch.Tensor:
+def _symmetric_term(a: torch.Tensor, bandwidth: List[float], weight: float,
+                    grad: Optional[torch.Tensor]) -> torch.Tensor:
     """``weight * sum_{i != j} k(a_i, a_j)``, its gradient added into ``grad`` unless that is None.
 
     Row block ``r0:r1`` takes the columns from ``r0`` on: the square ``r0:r1`` holds both entries of
