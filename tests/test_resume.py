@@ -17,6 +17,8 @@ SETTINGS = {
     # FindRec: AdamW + a cosine schedule derived from the optimizer's step count, dropout
     "FindRec": {"modalities": ["image", "text"], "align_dim": 16, "n_heads": 2, "n_experts": 2, "d_state": 4,
                 "mamba_backend": "torch", "MAX_ITEM_LIST_LENGTH": 10, "warmup_steps": 3, "dropout_prob": 0.1},
+    # MambaRec: dropout on the modality embeddings, DREAM's compiled gate, the eager MMD / InfoNCE gradients
+    "MambaRec": {"modalities": ["image", "text"]},
 }
 
 
@@ -26,7 +28,7 @@ def _config(planted, model, folder):
             "checkpoint_dir": folder}
 
 
-@pytest.mark.parametrize("model", ["BPR", "FindRec"])
+@pytest.mark.parametrize("model", ["BPR", "FindRec", "MambaRec"])
 def test_resumed_run_equals_uninterrupted_run(planted, model, capsys):
     _, name = planted
     whole = run_recbole(model, name, config_dict=_config(planted, model, "whole"))
