@@ -98,6 +98,10 @@ def library(name: str, switch: str, functions: Tuple[Tuple[str, tuple], ...] = (
     return lib, ""
 
 
+#: the ``ctypes`` argument types of the kernels' 64-bit sizes and buffer addresses (:func:`ptr`)
+I64, ADDRESS = ctypes.c_int64, ctypes.c_void_p
+
+
 def ptr(x: Optional[torch.Tensor]):
     return None if x is None else x.data_ptr()
 

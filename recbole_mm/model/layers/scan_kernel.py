@@ -12,10 +12,9 @@ from typing import Optional, Tuple
 import torch
 
 from recbole_mm.model.layers import compiled
-from recbole_mm.model.layers.compiled import ptr, run_sliced
+from recbole_mm.model.layers.compiled import ADDRESS as _ADDRESS, I64 as _I64, ptr, run_sliced
 
 
-_I64, _ADDRESS = ctypes.c_int64, ctypes.c_void_p
 _FUNCTIONS = (("scan_forward", (_I64, _ADDRESS, _I64, _I64) + (_ADDRESS,) * 7),
               ("scan_gradients", (_I64, _ADDRESS, _I64, _I64) + (_ADDRESS,) * 15))
 
