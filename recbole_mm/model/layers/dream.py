@@ -69,7 +69,7 @@ from torch import nn
 
 from recbole_mm.model.layers import compiled
 from recbole_mm.model.layers.blocks import row_blocks
-from recbole_mm.model.layers.compiled import ptr
+from recbole_mm.model.layers.compiled import ADDRESS, I64, ptr
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +207,10 @@ class _GatedMerge(torch.autograd.Function):
         ctx.save_for_backward(x1, wb, m_c, m_s, merge_w)
         n, p, k = x.shape[0], m_s.shape[1], m_c.shape[1]
         out = x.new_empty(n, p, merge_w.shape[0])
+        lib = _kernel_for(x1)
         for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
             fused = torch.mm(x1[rows], wb).view(-1, p, k)
-            _gate(fused, m_c[rows], m_s[rows])  # eq. 6: the larger gate scales the signed F
+            _gate(lib, fused, m_c[rows], m_s[rows])  # eq. 6: the larger gate scales the signed F
             torch.matmul(fused, merge_w.T, out=out[rows])
         return out
 
@@ -221,10 +222,11 @@ class _GatedMerge(torch.autograd.Function):
         grad_x, grad_m_c, grad_m_s = x1.new_empty(n, x1.shape[1] - 1), torch.empty_like(m_c), torch.empty_like(m_s)
         grad_wb, grad_merge = torch.zeros_like(wb), torch.zeros_like(merge_w)
         weight_t = wb[:-1].T
+        lib = _kernel_for(x1)
         for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
             fused = torch.mm(x1[rows], wb).view(-1, p, k)
             grad_y = torch.matmul(grad[rows], merge_w)  # [rows, P, K], the gradient at F * gate
-            _gate_gradients(fused, grad_y, m_c[rows], m_s[rows], grad_m_c[rows], grad_m_s[rows])
+            _gate_gradients(lib, fused, grad_y, m_c[rows], m_s[rows], grad_m_c[rows], grad_m_s[rows])
             grad_merge.addmm_(grad[rows].view(-1, grad.shape[-1]).T, fused.view(-1, k))
             grad_fused = grad_y.view(-1, p * k)
             grad_wb.addmm_(x1[rows].T, grad_fused)
@@ -232,9 +234,8 @@ class _GatedMerge(torch.autograd.Function):
         return grad_x, grad_wb[:-1], grad_wb[-1], grad_m_c, grad_m_s, grad_merge
 
 
-_I64, _ADDRESS = ctypes.c_int64, ctypes.c_void_p
-_FUNCTIONS = (("dream_gate_forward", (_I64,) * 3 + (_ADDRESS,) * 3),
-              ("dream_gate_backward", (_I64,) * 3 + (_ADDRESS,) * 6))
+_FUNCTIONS = (("dream_gate_forward", (I64,) * 3 + (ADDRESS,) * 3),
+              ("dream_gate_backward", (I64,) * 3 + (ADDRESS,) * 6))
 
 
 def load_kernel() -> Tuple[Optional[ctypes.CDLL], str]:
@@ -243,27 +244,27 @@ def load_kernel() -> Tuple[Optional[ctypes.CDLL], str]:
     return compiled.library("dream_gate", "DREAM", _FUNCTIONS)
 
 
-def _kernel_for(fused: torch.Tensor) -> Optional[ctypes.CDLL]:
-    return load_kernel()[0] if fused.device.type == "cpu" and fused.dtype == torch.float32 else None
+def _kernel_for(x: torch.Tensor) -> Optional[ctypes.CDLL]:
+    """The compiled gate for a pass over ``x``'s blocks (CPU float32), else None: the torch ops."""
+    return load_kernel()[0] if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
-def _gate(fused: torch.Tensor, m_c: torch.Tensor, m_s: torch.Tensor) -> None:
-    """``F *= max(M_c, M_s)`` in place on a block ``F [rows, P, K]`` (contiguous)."""
-    lib = _kernel_for(fused)
+def _gate(lib: Optional[ctypes.CDLL], fused: torch.Tensor, m_c: torch.Tensor, m_s: torch.Tensor) -> None:
+    """``F *= max(M_c, M_s)`` in place on a block ``F [rows, P, K]`` (contiguous), with the compiled gate
+    ``lib`` (:func:`_kernel_for`) or the torch ops."""
     if lib is not None:
         lib.dream_gate_forward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused))
     else:
         fused.mul_(torch.maximum(m_c[:, None, :], m_s[:, :, None]))
 
 
-def _gate_gradients(fused: torch.Tensor, grad_y: torch.Tensor, m_c: torch.Tensor, m_s: torch.Tensor,
-                    grad_m_c: torch.Tensor, grad_m_s: torch.Tensor) -> None:
+def _gate_gradients(lib: Optional[ctypes.CDLL], fused: torch.Tensor, grad_y: torch.Tensor, m_c: torch.Tensor,
+                    m_s: torch.Tensor, grad_m_c: torch.Tensor, grad_m_s: torch.Tensor) -> None:
     """Eq. 6 backwards on a block: with ``F`` in ``fused`` and the gradient at ``F * gate`` in
     ``grad_y`` (both ``[rows, P, K]``, contiguous), writes the gates' gradients into ``grad_m_c`` and
     ``grad_m_s`` and leaves ``F * gate`` in ``fused`` and the gradient at ``F`` in ``grad_y``. One pass
     in the compiled kernel (CPU float32: the per-element torch ops below cost more than the block's
-    products there); the torch ops elsewhere."""
-    lib = _kernel_for(fused)
+    products there: ``lib``, :func:`_kernel_for`); the torch ops elsewhere."""
     if lib is not None:
         lib.dream_gate_backward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused), ptr(grad_y), ptr(grad_m_c), ptr(grad_m_s))
         return
