@@ -311,6 +311,64 @@ def test_normalised_user_item_adjacency():
     assert adj[:3, :3].abs().sum() == 0 and adj[3:, 3:].abs().sum() == 0
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def sparse_backend(request, monkeypatch):
+    """Runs a test with sparse_matmul's compiled products (csrc/csr_matmul.c) and with torch's."""
+    from recbole_mm.model.layers import graph as graph_mod
+
+    if request.param == "kernel":
+        lib, why = graph_mod.load_kernel()
+        if lib is None:
+            pytest.skip(f"the CSR kernel is not built here: {why}")
+    else:
+        monkeypatch.setattr(graph_mod, "load_kernel", lambda: (None, "off for this test"))
+    return request.param
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [None, [4, 0, 4, 9]])  # a repeated row, the empty row 9
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_sparse_matmul_equals_the_dense_product(sparse_backend, rows, symmetric, threads):
+    """(A @ X)[rows] and its gradient in X equal the dense computation, for the compiled products
+    (both columns slices of two threads, 40 columns: slices of 16 and 24) and torch's."""
+    from recbole_mm.model.layers.graph import sparse_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (10, 10 if symmetric else 7)
+    dense = torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.3)
+    if symmetric:
+        dense = dense + dense.T
+        dense[:, 9] = 0.0
+    dense[9] = 0.0
+    a = dense.to_sparse().coalesce()
+    a_t = None if symmetric else dense.T.to_sparse().coalesce()
+    idx = None if rows is None else torch.tensor(rows)
+    x = torch.randn(dense.shape[1], 40, generator=gen, requires_grad=True)
+    weight = torch.randn(10 if idx is None else idx.numel(), 40, generator=gen)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = sparse_matmul(a, x, a_t, rows=idx)
+        (grad,) = torch.autograd.grad((got * weight).sum(), x)
+    finally:
+        torch.set_num_threads(old_threads)
+    expected = dense @ x if idx is None else (dense @ x)[idx]
+    (ref,) = torch.autograd.grad((expected * weight).sum(), x)
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(grad, ref, atol=1e-6)
+    if idx is not None:
+        assert torch.all(got[3] == 0)  # row 9 has no entries
+
+
+def test_sparse_matmul_float64_runs_torchs_product(sparse_backend):
+    """The compiled products are float32 only; a float64 product takes torch's, exactly."""
+    from recbole_mm.model.layers.graph import sparse_matmul
+
+    dense = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    got = sparse_matmul(dense.to_sparse().coalesce(), x, dense.T.to_sparse().coalesce(), rows=torch.tensor([1]))
+    assert got.dtype == torch.float64 and torch.allclose(got, (dense @ x)[1:])
+
+
 # ---------------------------------------------------------------- model (needs the foundation)
 
 BASE = {

@@ -29,16 +29,15 @@ Every linear and embedding weight is Xavier-initialised (RecBole's ``xavier_unif
 MGCN's code does so for the embedding tables and keeps torch's default for the linear layers).
 
 Training computes what the loss needs: the LightGCN propagation and the item views of all items
-(the kNN propagation needs them) and the user views of all users (eq. 5 is one sparse product; for a
-random matrix of Beauty's size, 22k x 12k with 158k entries, two modalities, forward + backward take
-~25 ms on one thread beside a ~0.44 s MambaRec step; the batch's users alone would not be cheaper: a
-batch picks users in proportion to their degree, so a TikTok batch's ~700 users hold 43k of the
-matrix's 60k entries, and gathering those measured 4x slower than the CSR product over all of
-them), but the fuser only for the batch's distinct
-users and items (it is row-wise, so the result is the same); the sparse products run on CSR copies
-of the graphs (:func:`~recbole_mm.model.layers.graph.sparse_matmul`), LightGCN's on the two
-user-item blocks of its adjacency (:meth:`MGCN._content_view`). Evaluation computes every
-user and item once and caches them (``restore_user_e`` / ``restore_item_e``, as RecBole's LightGCN);
+(the kNN propagation needs them), but the user views (eq. 5) and the fuser only for the batch's
+distinct users and items (the fuser is row-wise and eq. 5 a row of a sparse product, so the result
+is the same). On the CPU eq. 5 for a batch's users touches only their rows of ``R``: a batch picks
+users in proportion to their degree, so a TikTok batch's ~700 users still hold 43k of the matrix's
+60k entries, but the product over them writes ~700 rows instead of every user's, forward and
+backward (gathering those entries with torch ops instead measured 4x slower than the product over
+all users). The sparse products are :func:`~recbole_mm.model.layers.graph.sparse_matmul`'s,
+LightGCN's on the two user-item blocks of its adjacency (:meth:`MGCN._content_view`). Evaluation
+computes every user and item once and caches them (``restore_user_e`` / ``restore_item_e``, as RecBole's LightGCN);
 ``full_sort_predict`` is one matrix product. The cache is dropped on ``train()`` / ``eval()`` and in
 ``calculate_loss``.
 
@@ -159,9 +158,10 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         """The encoder for the users and items given (indices; all when None), see :class:`Encoding`."""
         content_u, content_i = self._content_view()
         item_views, embeddings = zip(*(view(self.item_embedding.weight, return_embeddings=True) for view in self.views))
-        user_views = [sparse_matmul(self.ui_mat, v, self.ui_mat_t) for v in item_views]  # eq. 5
+        # eq. 5, for the users asked for only: a batch's users hold a fraction of R's entries
+        user_views = [sparse_matmul(self.ui_mat, v, self.ui_mat_t, rows=users) for v in item_views]
         if users is not None:
-            content_u, user_views = content_u[users], [v[users] for v in user_views]
+            content_u = content_u[users]
         if items is not None:
             content_i, sel_views = content_i[items], [v[items] for v in item_views]
         else:

@@ -6,8 +6,8 @@ A source is compiled at first use with the machine's C compiler (``$CC``, else `
 ``~/.cache/recbole_mm``), keyed by the source, the flags, the compiler and the CPU, and loaded with
 ``ctypes``. Nothing is built at install time, so ``pip install`` stays as it is; a machine without
 a compiler (or where the build fails) keeps the PyTorch code, and :func:`library` says why in one
-string. Each kernel has its own switch, ``RECBOLE_MM_<SWITCH>_KERNEL=0`` (``SCAN``, ``DROPOUT``),
-to measure it against the PyTorch code.
+string. Each kernel has its own switch, ``RECBOLE_MM_<SWITCH>_KERNEL=0`` (``SCAN``, ``DROPOUT``,
+``DREAM``, ``SPARSE``), to measure it against the PyTorch code.
 
 Threads: :func:`run_sliced` calls the kernel on ``torch.get_num_threads()`` slices, each in its
 own Python thread; ``ctypes`` releases the GIL for the call, so the slices run in parallel without
