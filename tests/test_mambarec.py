@@ -330,7 +330,8 @@ def sparse_backend(request, monkeypatch):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_sparse_matmul_equals_the_dense_product(sparse_backend, rows, symmetric, threads):
     """(A @ X)[rows] and its gradient in X equal the dense computation, for the compiled products
-    (both columns slices of two threads, 40 columns: slices of 16 and 24) and torch's."""
+    and torch's, on one thread and on two (where a product over all rows is torch's)."""
+    from recbole_mm.model.layers import graph as graph_mod
     from recbole_mm.model.layers.graph import sparse_matmul
 
     gen = torch.Generator().manual_seed(0)
@@ -350,6 +351,7 @@ def test_sparse_matmul_equals_the_dense_product(sparse_backend, rows, symmetric,
     try:
         got = sparse_matmul(a, x, a_t, rows=idx)
         (grad,) = torch.autograd.grad((got * weight).sum(), x)
+        compiled = graph_mod._kernel_for(a, x, idx) is not None
     finally:
         torch.set_num_threads(old_threads)
     expected = dense @ x if idx is None else (dense @ x)[idx]
@@ -357,6 +359,7 @@ def test_sparse_matmul_equals_the_dense_product(sparse_backend, rows, symmetric,
     assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(grad, ref, atol=1e-6)
     if idx is not None:
         assert torch.all(got[3] == 0)  # row 9 has no entries
+    assert compiled == (sparse_backend == "kernel" and (idx is not None or threads == 1))
 
 
 def test_sparse_matmul_float64_runs_torchs_product(sparse_backend):

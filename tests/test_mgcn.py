@@ -79,26 +79,36 @@ def test_mgcn_loss_terms_by_hand(planted):
     assert torch.allclose(part.users, enc.users[users], atol=1e-6)
 
 
-def test_content_view_is_lightgcn_over_the_whole_adjacency(planted):
+@pytest.mark.parametrize("n_ui_layers", [0, 1, 3])
+def test_content_view_is_lightgcn_over_the_whole_adjacency(planted, n_ui_layers):
     """The content view from the two user-item blocks equals LightGCN's mean of layers over the
-    dense normalised adjacency D^-1/2 [[0, R], [R^T, 0]] D^-1/2, values and gradients."""
+    dense normalised adjacency D^-1/2 [[0, R], [R^T, 0]] D^-1/2, values and gradients, for all rows
+    and for a batch's rows."""
     from recbole_mm.model.layers.graph import normalized_bipartite_adjacency
 
-    model, train = _mgcn(planted, n_ui_layers=3)
+    model, train = _mgcn(planted, n_ui_layers=n_ui_layers)
     inter = train._dataset.inter_matrix(form="coo")
     adj = normalized_bipartite_adjacency(torch.from_numpy(inter.row), torch.from_numpy(inter.col),
                                          model.n_users, model.n_items).to_dense()
     layer = torch.cat([model.user_embedding.weight, model.item_embedding.weight])
     layers = [layer]
-    for _ in range(3):
+    for _ in range(n_ui_layers):
         layers.append(adj @ layers[-1])
     expected = torch.split(torch.stack(layers).mean(0), [model.n_users, model.n_items])
     got = model._content_view()
     weight = torch.randn(model.n_users + model.n_items, 16)
     tables = [model.user_embedding.weight, model.item_embedding.weight]
     grads = torch.autograd.grad((torch.cat(got) * weight).sum(), tables)
-    ref = torch.autograd.grad((torch.cat(expected) * weight).sum(), tables)
+    ref = torch.autograd.grad((torch.cat(expected) * weight).sum(), tables, retain_graph=True)
     for a, b in zip([*got, *grads], [*expected, *ref]):
+        assert torch.allclose(a, b, atol=1e-6)
+    # at a batch's users and items (the last layer computed at those rows only), with repeats
+    users, items = torch.tensor([3, 0, 3, model.n_users - 1]), torch.tensor([1, 5, 2, 5])
+    got = model._content_view(users, items)
+    grads = torch.autograd.grad((torch.cat(got) * weight[:8]).sum(), tables)
+    picked = (expected[0][users], expected[1][items])
+    ref = torch.autograd.grad((torch.cat(picked) * weight[:8]).sum(), tables)
+    for a, b in zip([*got, *grads], [*picked, *ref]):
         assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -28,9 +28,9 @@ batch once (MGCN's code repeats them, which makes a repeated row a false negativ
 Every linear and embedding weight is Xavier-initialised (RecBole's ``xavier_uniform_initialization``;
 MGCN's code does so for the embedding tables and keeps torch's default for the linear layers).
 
-Training computes what the loss needs: the LightGCN propagation and the item views of all items
-(the kNN propagation needs them), but the user views (eq. 5) and the fuser only for the batch's
-distinct users and items (the fuser is row-wise and eq. 5 a row of a sparse product, so the result
+Training computes what the loss needs: the LightGCN propagation (but its last layer) and the item
+views of all items (the kNN propagation needs them), but the last layer, the user views (eq. 5) and
+the fuser only for the batch's distinct users and items (the fuser is row-wise and eq. 5 a row of a sparse product, so the result
 is the same). On the CPU eq. 5 for a batch's users touches only their rows of ``R``: a batch picks
 users in proportion to their degree, so a TikTok batch's ~700 users still hold 43k of the matrix's
 60k entries, but the product over them writes ~700 rows instead of every user's, forward and
@@ -139,33 +139,38 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         ``make()`` (one call per modality) maps them to ``emb``. MGCN: ``d = emb``, identity."""
         return emb, nn.Identity
 
-    def _content_view(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """LightGCN over the ID embeddings: mean of layers ``0..n_ui_layers``, ``(users, items)``.
+    def _content_view(self, users: Optional[torch.Tensor] = None,
+                      items: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """LightGCN over the ID embeddings: mean of layers ``0..n_ui_layers``, ``(users, items)``, at the
+        users and items given (indices; all when None).
 
         A layer is the product with ``D^-1/2 [[0, R], [R^T, 0]] D^-1/2``, computed as its two blocks:
         users from items by ``ui_mat``, items from users by its transpose (same sums; on TikTok's
-        graph the two block products take 2 ms where the whole ``[n, n]`` one takes 5 ms, one thread)."""
-        users = total_u = self.user_embedding.weight
-        items = total_i = self.item_embedding.weight
-        for _ in range(self.n_ui_layers):
-            users, items = (sparse_matmul(self.ui_mat, items, self.ui_mat_t),
-                            sparse_matmul(self.ui_mat_t, users, self.ui_mat))
+        graph the two block products take 2 ms where the whole ``[n, n]`` one takes 5 ms, one thread).
+        Every layer but the last is needed whole, to propagate; the last only at the rows asked for."""
+        users_l = total_u = self.user_embedding.weight
+        items_l = total_i = self.item_embedding.weight
+        for _ in range(self.n_ui_layers - 1):
+            users_l, items_l = (sparse_matmul(self.ui_mat, items_l, self.ui_mat_t),
+                                sparse_matmul(self.ui_mat_t, users_l, self.ui_mat))
             # running sums: no [n_ui_layers + 1, n, emb] stack to copy and average
-            total_u, total_i = total_u + users, total_i + items
+            total_u, total_i = total_u + users_l, total_i + items_l
+        if users is not None:
+            total_u = total_u[users]
+        if items is not None:
+            total_i = total_i[items]
+        if self.n_ui_layers > 0:
+            total_u = total_u + sparse_matmul(self.ui_mat, items_l, self.ui_mat_t, rows=users)
+            total_i = total_i + sparse_matmul(self.ui_mat_t, users_l, self.ui_mat, rows=items)
         return total_u / (self.n_ui_layers + 1), total_i / (self.n_ui_layers + 1)
 
     def encode(self, users: Optional[torch.Tensor] = None, items: Optional[torch.Tensor] = None) -> Encoding:
         """The encoder for the users and items given (indices; all when None), see :class:`Encoding`."""
-        content_u, content_i = self._content_view()
+        content_u, content_i = self._content_view(users, items)
         item_views, embeddings = zip(*(view(self.item_embedding.weight, return_embeddings=True) for view in self.views))
         # eq. 5, for the users asked for only: a batch's users hold a fraction of R's entries
         user_views = [sparse_matmul(self.ui_mat, v, self.ui_mat_t, rows=users) for v in item_views]
-        if users is not None:
-            content_u = content_u[users]
-        if items is not None:
-            content_i, sel_views = content_i[items], [v[items] for v in item_views]
-        else:
-            sel_views = list(item_views)
+        sel_views = list(item_views) if items is None else [v[items] for v in item_views]
         n_u = content_u.shape[0]
         # the fuser is row-wise: users and items in one call
         side = self.fuser([torch.cat([u, i]) for u, i in zip(user_views, sel_views)], torch.cat([content_u, content_i]))
