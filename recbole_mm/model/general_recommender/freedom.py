@@ -26,7 +26,10 @@ Multimodal Recommendation", ACM MM'23; defaults and details from the authors' co
   authors' bias would cancel in the BPR difference). MMRec also fine-tunes the raw features through
   that term; here they stay fixed (as the graph built from them).
 
-Evaluation caches the final embeddings
+Both graphs are symmetric, so their products are :func:`~recbole_mm.model.layers.graph.sparse_matmul`'s
+with the graph as its own transpose (CSR on CPU, a C kernel for float32): a training step, one thread,
+took 0.030 s instead of 0.045 s with COO's ``torch.sparse.mm`` on TikTok, 0.053 s instead of 0.099 s
+on amazon-beauty (same loss values). Evaluation caches the final embeddings
 (:class:`~recbole_mm.model.abstract_recommender.CachedDotProductMixin`), so ``full_sort_predict`` is
 one matrix product.
 
@@ -43,7 +46,7 @@ from torch import nn
 
 from recbole_mm.model.abstract_recommender import CachedDotProductMixin
 from recbole_mm.model.layers.graph import (load_or_build_knn_graph, normalized_bipartite_adjacency,
-                                           normalized_interaction_matrix)
+                                           normalized_interaction_matrix, sparse_matmul)
 from recbole_mm.model.layers.item_features import ItemFeatureProjection, dataset_features
 from recbole_mm.model.loss.mixins import BPRLossMixin
 
@@ -122,11 +125,11 @@ class FREEDOM(CachedDotProductMixin, BPRLossMixin, GeneralRecommender):
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         layers = [ego]
         for _ in range(self.n_ui_layers):
-            layers.append(torch.sparse.mm(adj, layers[-1]))
+            layers.append(sparse_matmul(adj, layers[-1]))  # adj is symmetric
         users, items = torch.split(torch.stack(layers).mean(0), [self.n_users, self.n_items])
         h = self.item_embedding.weight
         for _ in range(self.n_mm_layers):
-            h = torch.sparse.mm(self.item_graph, h)
+            h = sparse_matmul(self.item_graph, h)  # so is the kNN graph
         return users, items + h
 
     def final_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
