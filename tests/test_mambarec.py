@@ -89,18 +89,24 @@ def _assert_same_output_and_gradients(dream, x, expected):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def _kernel_or_torch(backend: str, monkeypatch, module, what: str) -> str:
+    """``backend`` "kernel": keeps ``module``'s compiled kernel (the test skips where it is not built);
+    "torch": turns it off for the test, so the torch code it replaces runs."""
+    if backend == "kernel":
+        lib, why = module.load_kernel()
+        if lib is None:
+            pytest.skip(f"{what} is not built here: {why}")
+    else:
+        monkeypatch.setattr(module, "load_kernel", lambda: (None, "off for this test"))
+    return backend
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def gate_backend(request, monkeypatch):
     """Runs a test with DREAM's compiled gate (csrc/dream_gate.c) and with the torch ops it replaces."""
     from recbole_mm.model.layers import dream as dream_mod
 
-    if request.param == "kernel":
-        lib, why = dream_mod.load_kernel()
-        if lib is None:
-            pytest.skip(f"DREAM's gate kernel is not built here: {why}")
-    else:
-        monkeypatch.setattr(dream_mod, "load_kernel", lambda: (None, "off for this test"))
-    return request.param
+    return _kernel_or_torch(request.param, monkeypatch, dream_mod, "DREAM's gate kernel")
 
 
 @pytest.mark.parametrize("map_shape", [None, [48, 1, 1]])
@@ -316,13 +322,7 @@ def sparse_backend(request, monkeypatch):
     """Runs a test with sparse_matmul's compiled products (csrc/csr_matmul.c) and with torch's."""
     from recbole_mm.model.layers import graph as graph_mod
 
-    if request.param == "kernel":
-        lib, why = graph_mod.load_kernel()
-        if lib is None:
-            pytest.skip(f"the CSR kernel is not built here: {why}")
-    else:
-        monkeypatch.setattr(graph_mod, "load_kernel", lambda: (None, "off for this test"))
-    return request.param
+    return _kernel_or_torch(request.param, monkeypatch, graph_mod, "the CSR kernel")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
