@@ -362,6 +362,20 @@ def test_sparse_matmul_equals_the_dense_product(sparse_backend, rows, symmetric,
     assert compiled == (sparse_backend == "kernel" and (idx is not None or threads == 1))
 
 
+def test_sparse_matmul_rejects_what_the_kernel_would_read_out_of_bounds(sparse_backend):
+    """A dense side that does not fit the matrix raises ValueError, a row outside it IndexError."""
+    from recbole_mm.model.layers.graph import sparse_matmul
+
+    a = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]]).to_sparse().coalesce()
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_matmul(a, torch.randn(2, 4))
+    for bad in ([0, 2], [-1]):
+        with pytest.raises(IndexError, match="rows must lie in"):
+            sparse_matmul(a, torch.randn(3, 4), rows=torch.tensor(bad))
+    got = sparse_matmul(a, torch.ones(3, 4), rows=torch.tensor([1], dtype=torch.int32))  # any int dtype
+    assert torch.equal(got, torch.full((1, 4), 4.0))
+
+
 def test_sparse_matmul_float64_runs_torchs_product(sparse_backend):
     """The compiled products are float32 only; a float64 product takes torch's, exactly."""
     from recbole_mm.model.layers.graph import sparse_matmul

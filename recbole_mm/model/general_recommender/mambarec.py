@@ -43,9 +43,10 @@ RecBole's LightGCN); the paper's "weight decay 1e-4" is this ``reg_weight`` (Rec
 ``weight_decay`` is 0).
 
 Training and evaluation cost as in MGCN (row-wise parts, the user views and the last LightGCN layer
-for the batch's rows only; cached final embeddings for evaluation). What MambaRec adds has exact fast paths: DREAM's branches folded into one
-matrix product and its gating run block by block (:mod:`recbole_mm.model.layers.dream`, "Cost"), the
-MMD and the InfoNCE with hand-written gradients, computed with the value, over row blocks of their ``[N, N]`` matrices
+for the batch's rows only; cached final embeddings for evaluation). What MambaRec adds has exact
+fast paths: DREAM's branches folded into one matrix product and its gating run block by block
+(:mod:`recbole_mm.model.layers.dream`, "Cost"), the MMD and the InfoNCE with hand-written gradients,
+computed with the value, over row blocks of their ``[N, N]`` matrices
 (:mod:`recbole_mm.model.loss.mmd`, :mod:`recbole_mm.model.loss.infonce`). Per training step, batch
 2048, one thread: ``benchmarks/mambarec_cost.py``.
 

@@ -28,16 +28,16 @@ batch once (MGCN's code repeats them, which makes a repeated row a false negativ
 Every linear and embedding weight is Xavier-initialised (RecBole's ``xavier_uniform_initialization``;
 MGCN's code does so for the embedding tables and keeps torch's default for the linear layers).
 
-Training computes what the loss needs: the LightGCN propagation (but its last layer) and the item
-views of all items (the kNN propagation needs them), but the last layer, the user views (eq. 5) and
-the fuser only for the batch's distinct users and items (the fuser is row-wise and eq. 5 a row of a sparse product, so the result
-is the same). On the CPU eq. 5 for a batch's users touches only their rows of ``R``: a batch picks
-users in proportion to their degree, so a TikTok batch's ~700 users still hold 43k of the matrix's
-60k entries, but the product over them writes ~700 rows instead of every user's, forward and
-backward (gathering those entries with torch ops instead measured 4x slower than the product over
-all users). The sparse products are :func:`~recbole_mm.model.layers.graph.sparse_matmul`'s,
-LightGCN's on the two user-item blocks of its adjacency (:meth:`MGCN._content_view`). Evaluation
-computes every user and item once and caches them (``restore_user_e`` / ``restore_item_e``, as RecBole's LightGCN);
+Training computes what the loss needs: every LightGCN layer but the last and the item views of all
+items (the propagation needs them whole); the last layer, the user views (eq. 5) and the fuser for
+the batch's distinct users and items only (each is row-wise, so the result is the same). On the CPU
+eq. 5 for a batch's users touches only their rows of ``R``: a batch picks users in proportion to
+their degree, so a TikTok batch's ~700 users still hold 43k of the matrix's 60k entries, but the
+product over them writes ~700 rows instead of every user's, forward and backward (gathering those
+entries with torch ops instead measured 4x slower than the product over all users). The sparse
+products are :func:`~recbole_mm.model.layers.graph.sparse_matmul`'s, LightGCN's on the two
+user-item blocks of its adjacency (:meth:`MGCN._content_view`). Evaluation computes every user and
+item once and caches them (``restore_user_e`` / ``restore_item_e``, as RecBole's LightGCN);
 ``full_sort_predict`` is one matrix product. The cache is dropped on ``train()`` / ``eval()`` and in
 ``calculate_loss``.
 

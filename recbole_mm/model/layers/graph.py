@@ -227,16 +227,24 @@ def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: Optional[torch.Tensor] 
                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ x`` for a constant sparse matrix ``a`` (coalesced COO, as the builders here return it)
     and a dense ``x``, differentiable in ``x``; ``a_t`` is ``a^T`` (coalesced COO), None when ``a`` is
-    symmetric. ``rows`` (int64 indices, optional) asks for ``(a @ x)[rows]`` only: on the CPU only
-    those rows' entries are touched, forward and backward.
+    symmetric. ``rows`` (indices, optional) asks for ``(a @ x)[rows]`` only: on CPU float32 only
+    those rows' entries are touched, forward and backward. Raises ``ValueError`` when ``x`` does not
+    fit ``a`` and ``IndexError`` for a row outside ``a`` (the kernel would read out of bounds).
 
     On CPU float32 the products are ``csrc/csr_matmul.c``'s (:func:`load_kernel`), which write each
-    output row once where torch's CSR product zero-fills and copies a fresh output first: on
-    amazon-beauty's and TikTok's user-item matrices a MambaRec step ran 8-10% faster (the user views
-    for the batch's users only included). Elsewhere (float64, GPU, no compiler) torch's CSR
-    products run, the CSR copies made per call (``O(nnz)``, a few percent of the product's time):
-    CSR buffers are no option, since torch cannot deep-copy a CSR tensor and RecBole deep-copies
-    the model (``get_flops``)."""
+    output row once where torch's CSR product zero-fills and copies a fresh output first: with the
+    user views and the last LightGCN layer for a batch's rows only, a MambaRec step on one thread
+    ran 6-15% faster on TikTok and amazon-beauty (docs/results/mambarec-cost.md). Elsewhere
+    (float64, GPU, no compiler) torch's CSR products run, the CSR copies made per call (``O(nnz)``,
+    a few percent of the product's time): CSR buffers are no option, since torch cannot deep-copy a
+    CSR tensor and RecBole deep-copies the model (``get_flops``)."""
+    if x.dim() != 2 or x.shape[0] != a.shape[1]:
+        raise ValueError(f"sparse_matmul: x of shape {tuple(x.shape)} does not fit a {tuple(a.shape)} matrix")
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= a.shape[0]):
+            raise IndexError(f"sparse_matmul: rows must lie in [0, {a.shape[0]}), "
+                             f"got {int(rows.min())}..{int(rows.max())}")
     return _ConstantSparseMatmul.apply(a, a_t, x, rows)
 
 
