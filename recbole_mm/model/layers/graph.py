@@ -135,9 +135,11 @@ def load_or_build_knn_graph(
 
 
 def _csr(a: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch calls CSR "beta" on every conversion; the products are exact
+    """``a`` as a torch CSR tensor over its cached arrays (:func:`_csr_arrays`), not converted on every call."""
+    with warnings.catch_warnings():  # torch calls CSR "beta" on every CSR tensor; the products are exact
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return a.to_sparse_csr()
+        # valid by construction (from a coalesced COO); a check would cost O(nnz) on every call
+        return torch.sparse_csr_tensor(*_csr_arrays(a), a.shape, check_invariants=False)
 
 
 _FUNCTIONS = tuple((name, (I64, ADDRESS, ADDRESS, ADDRESS, ADDRESS, I64, ADDRESS, ADDRESS))
@@ -156,11 +158,12 @@ def _kernel_for(a: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor]) 
 
     The kernel runs on one thread. A product over all rows with more torch threads is torch's, which
     splits the rows over them: on a random 22k x 12k matrix with 149k entries (amazon-beauty's
-    user-item shape), 64 columns, forward + backward took 4.5-5.2 ms with torch on two threads,
-    3.8-5.5 ms with the kernel on one, and 6.8 ms with the kernel's columns split over two Python
-    threads (they contend with torch's OpenMP threads); torch on one thread took 7.8-9.2 ms. For
-    1,900 of the rows: the kernel 1.4 ms, torch (the whole product, then the rows) 4.0-4.4 ms on two
-    threads (two runs of a one-off script, medians of ten)."""
+    user-item shape), 64 columns, forward + backward took 3.8 ms with torch on two threads (over the
+    cached arrays; 4.5-5.2 ms when each call converted the matrix), 3.8-5.5 ms with the kernel on
+    one, and 6.8 ms with the kernel's columns split over two Python threads (they contend with
+    torch's OpenMP threads); torch on one thread took 7.2-9.2 ms. For 1,900 of the rows: the kernel
+    1.2-1.4 ms, torch (the whole product, then the rows) 4.0-4.4 ms on two threads (three runs of a
+    one-off script, medians of ten)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or a.dtype != torch.float32:
         return None
     if rows is None and torch.get_num_threads() > 1:
@@ -169,13 +172,13 @@ def _kernel_for(a: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor]) 
 
 
 def _csr_arrays(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(indptr, indices, values)`` of the coalesced COO matrix ``a`` in CSR form, kept on ``a``
-    itself: the graphs are constants, and a plain attribute of dense tensors survives the deep copy
-    RecBole makes of the model, where a CSR tensor would not."""
+    """``(indptr, indices, values)`` of the coalesced COO matrix ``a`` in CSR form, for the kernel and
+    torch's CSR products alike, kept on ``a`` itself: the graphs are constants, and a plain attribute
+    of dense tensors survives the deep copy RecBole makes of the model, where a CSR tensor would not."""
     arrays = getattr(a, "_recbole_mm_csr", None)
     if arrays is None:
         rows, cols = a.indices()
-        indptr = torch.zeros(a.shape[0] + 1, dtype=torch.int64)
+        indptr = torch.zeros(a.shape[0] + 1, dtype=torch.int64, device=rows.device)
         indptr[1:] = torch.bincount(rows, minlength=a.shape[0]).cumsum(0)
         arrays = a._recbole_mm_csr = (indptr, cols.contiguous(), a.values().contiguous())
     return arrays
@@ -235,9 +238,9 @@ def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: Optional[torch.Tensor] 
     output row once where torch's CSR product zero-fills and copies a fresh output first: with the
     user views and the last LightGCN layer for a batch's rows only, a MambaRec step on one thread
     ran 6-15% faster on TikTok and amazon-beauty (docs/results/mambarec-cost.md). Elsewhere
-    (float64, GPU, no compiler) torch's CSR products run, the CSR copies made per call (``O(nnz)``,
-    a few percent of the product's time): CSR buffers are no option, since torch cannot deep-copy a
-    CSR tensor and RecBole deep-copies the model (``get_flops``)."""
+    (float64, GPU, no compiler) torch's CSR products run over the same cached CSR arrays
+    (:func:`_csr_arrays`; CSR buffers are no option, since torch cannot deep-copy a CSR tensor and
+    RecBole deep-copies the model, ``get_flops``)."""
     if x.dim() != 2 or x.shape[0] != a.shape[1]:
         raise ValueError(f"sparse_matmul: x of shape {tuple(x.shape)} does not fit a {tuple(a.shape)} matrix")
     if rows is not None:
