@@ -39,6 +39,19 @@ def interrupted_at_epoch(epoch: int):
         yield
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Inside the block torch runs on ``n`` threads; the count before is restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_benchmark_script(name):
     """A script of benchmarks/ as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")

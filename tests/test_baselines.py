@@ -11,6 +11,8 @@ from recbole_mm.model.general_recommender.freedom import degree_sensitive_edges,
 from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, ItemFeatureProjection
 from recbole_mm.model.sequential_recommender.mamba4rec import Mamba4RecLayer
 
+from conftest import torch_threads
+
 SEQUENTIAL = ["Mamba4Rec", "Mamba4RecMM", "SASRecMM", "MMMLP"]
 GENERAL = ["VBPR", "FREEDOM"]
 #: how a multimodal model shows that it needs its features (see the last test). MMMLP scores with the
@@ -40,10 +42,8 @@ METRIC = {**{m: "ndcg@10" for m in SEQUENTIAL}, **{m: "recall@10" for m in GENER
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: OpenMP synchronisation between 2 threads costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from recbole_mm.model.layers import compiled
 from recbole_mm.model.layers import dropout as dropout_mod
 from recbole_mm.model.layers.dropout import Dropout
 
+from conftest import torch_threads
+
 kernel_or_not = pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "16-bit"])
 
 
@@ -77,14 +79,10 @@ def test_kernel_mask_does_not_depend_on_threads(path):
     path(True)
     x = torch.rand(3 * (1 << 16) + 5) + 0.5
     outs = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
+    for n in (1, 3):
+        with torch_threads(n):
             torch.manual_seed(3)
             outs.append(Dropout(0.3).train()(x))
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
 
 

@@ -13,6 +13,8 @@ from recbole_mm.model.layers.mamba import (Mamba, MambaBackendError, MambaEncode
                                            selective_scan_reference)
 from recbole_mm.model.layers.packing import Packing
 
+from conftest import torch_threads
+
 # mamba_ssm.Mamba(d_model=16) (expand 2, d_state 16, d_conv 4): names and shapes from its source
 MAMBA_SSM_LAYOUT_D16 = {
     "in_proj.weight": (64, 16), "conv1d.weight": (32, 1, 4), "conv1d.bias": (32,),
@@ -171,17 +173,13 @@ def test_compiled_scan_equals_the_torch_scan_forward_and_backward():
     # the PyTorch step loop with its hand-written backward (itself checked against the plain
     # recurrence and gradcheck above) is the reference for the compiled kernel; odd sizes so
     # that vector loops have remainders, 3 threads over 5 rows so the slicing is exercised
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         inputs = _scan_inputs(torch.float32, b=5, length=11, d=37, n=5, seed=7)
         weight = torch.randn(5, 11, 37, generator=torch.Generator().manual_seed(8))
         outs = []
         for kernel in (True, False):
             y = selective_scan(*inputs, kernel=kernel)
             outs.append((y, torch.autograd.grad((y * weight).sum(), inputs)))
-    finally:
-        torch.set_num_threads(threads)
     (y_k, g_k), (y_t, g_t) = outs
     torch.testing.assert_close(y_k, y_t, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["u", "delta", "A", "B", "C", "D"], g_k, g_t):
@@ -203,16 +201,12 @@ def test_packed_rows_give_the_padded_result(kernel, rows_multiple):
     x = torch.randn(3, 7, 8, dtype=dtype)  # right-padded to 7
     packing = Packing(lengths, 7, rows_multiple=rows_multiple)
     real = packing.real
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         padded = packing.pack(mixer(x))[:real]
         params = list(mixer.parameters())
         g_padded = torch.autograd.grad(padded.square().sum(), params)
         packed = mixer(packing.pack(x), packing)
         g_packed = torch.autograd.grad(packed[:real].square().sum(), params)
-    finally:
-        torch.set_num_threads(threads)
     assert real == 11 and packed.shape == (11 if rows_multiple == 1 else 16, 8)
     assert mamba_mod.kernel_runs_on(packed) == kernel
     tol = dict(rtol=1e-5, atol=1e-5) if kernel else dict(rtol=1e-9, atol=1e-10)
@@ -253,8 +247,12 @@ def test_cuda_branch_passes_mamba_ssm_its_arguments(monkeypatch):
 def test_row_blocks_cover_the_rows_once_in_cache_sized_slices():
     from recbole_mm.model.layers.blocks import row_blocks
     cpu = torch.device("cpu")
-    blocks = row_blocks(10, 3, 7, cpu)  # 7 // 3 = 2 rows a block
+    with torch_threads(1):
+        blocks = row_blocks(10, 3, 7, cpu)  # 7 // 3 = 2 rows a block
+        assert row_blocks(5, 100, 7, cpu) == [slice(i, i + 1) for i in range(5)]  # at least one row
+        assert row_blocks(0, 3, 7, cpu) == []
+        assert row_blocks(10, 3, 7, torch.device("meta")) == [slice(0, 10)]  # not a CPU: one pass
     assert blocks == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
-    assert row_blocks(5, 100, 7, cpu) == [slice(i, i + 1) for i in range(5)]  # at least one row
-    assert row_blocks(0, 3, 7, cpu) == []
-    assert row_blocks(10, 3, 7, torch.device("meta")) == [slice(0, 10)]  # not a CPU: one pass
+    with torch_threads(2):  # the budget is per thread: 14 // 3 = 4 rows a block
+        assert row_blocks(10, 3, 7, cpu) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+        assert row_blocks(10, 3, 7, torch.device("meta")) == [slice(0, 10)]

@@ -11,6 +11,15 @@ from recbole_mm.model.loss.kernels import exponent_factors, gaussian_kernel, ker
 from recbole_mm.model.loss.mixins import AlignmentLossMixin, BPRLossMixin, EmbRegLossMixin
 from recbole_mm.model.loss.mmd import MMDLoss
 
+from conftest import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The block sizes the tests name hold on one thread (the budget of a block is per thread)."""
+    with torch_threads(1):
+        yield
+
 
 def _mmd_by_hand(x, y, sigma):
     """Unbiased MMD^2 with loops over the samples (Gretton et al. 2012, eq. 3)."""

@@ -184,7 +184,8 @@ class DREAM(nn.Module):
         return self.out(merged.transpose(1, 2).flatten(1)).reshape(*lead, self.out_dim)
 
 
-#: values of ``F`` per block of :class:`_GatedMerge`: 512 KB in float32, a few such maps fit in the cache
+#: values of ``F`` per block of :class:`_GatedMerge` and torch thread (:func:`row_blocks`): 512 KB in
+#: float32, a few such maps fit in a core's cache
 _BLOCK_VALUES = 1 << 17
 
 

@@ -39,7 +39,8 @@ class InfoNCELoss(nn.Module):
                               torch.is_grad_enabled())
 
 
-#: logits per block of :class:`_InfoNCE`: 512 KB in float32, so that a block's passes stay in the cache
+#: logits per block of :class:`_InfoNCE` and torch thread (:func:`row_blocks`): 512 KB in float32, so
+#: that a block's passes stay in the cache
 _BLOCK_VALUES = 1 << 17
 
 

@@ -66,8 +66,8 @@ class MMDLoss(nn.Module):
         return _UnbiasedMMD.apply(x, y, self.bandwidth, torch.is_grad_enabled())
 
 
-#: values of a kernel block (:class:`_UnbiasedMMD`): 512 KB in float32, so that the passes over a
-#: block (exponent, exp, sums, the gradient's products) stay in the cache
+#: values of a kernel block (:class:`_UnbiasedMMD`) per torch thread (:func:`row_blocks`): 512 KB in
+#: float32, so that the passes over a block (exponent, exp, sums, the gradient's products) stay in the cache
 _BLOCK_VALUES = 1 << 17
 
 
