@@ -111,10 +111,12 @@ def gate_backend(request, monkeypatch):
     return _kernel_or_torch(request.param, monkeypatch, dream_mod, "DREAM's gate kernel")
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 26], ids=["recomputed-F", "kept-F"])
 @pytest.mark.parametrize("map_shape", [None, [48, 1, 1]])
-def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape, gate_backend):
-    """_GatedMerge in blocks of 3 items (the last one shorter), with the compiled gate and without:
-    output and every gradient as the direct computation's."""
+def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape, keep_bytes, gate_backend):
+    """_GatedMerge in blocks of 3 items (the last one shorter), with the compiled gate and without,
+    with F recomputed in the backward and kept from the forward: output and every gradient as the
+    direct computation's."""
     from recbole_mm.model.layers import dream as dream_mod
     from recbole_mm.model.layers.blocks import row_blocks
 
@@ -122,6 +124,7 @@ def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape, g
     dream = DREAM(48, 16, map_shape=map_shape)
     c, h, w = dream.map_shape
     monkeypatch.setattr(dream_mod, "_BLOCK_VALUES", 3 * h * w * 5 * dream.point.out_channels)
+    monkeypatch.setattr(dream_mod, "_KEEP_BYTES", keep_bytes)
     with torch.no_grad():
         dream.spatial_att[0].bias += 0.9  # at initialisation M_c >= M_s nearly everywhere; let both gates win
     x = torch.randn(50, 48, requires_grad=True)
@@ -132,11 +135,13 @@ def test_blockwise_dream_equals_the_direct_computation(monkeypatch, map_shape, g
         _assert_same_output_and_gradients(dream, x, expected)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed-F", "kept-F"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gated_merge_gives_tied_gates_gradient_to_channel_attention(dtype, gate_backend):
+def test_gated_merge_gives_tied_gates_gradient_to_channel_attention(dtype, keep, gate_backend):
     """Eq. 6 with M_c >= M_s picking M_c: where the gates tie, M_c gets the gradient, as autograd's
     where(M_c >= M_s, M_c, M_s) would give it (ties forced by gates on a grid of quarters; the
-    compiled gate takes float32, float64 runs the torch ops)."""
+    compiled gate takes float32, float64 runs the torch ops); with F kept from the forward pass
+    and recomputed, and a second backward through the kept F (retain_graph) gives the same."""
     from recbole_mm.model.layers.dream import _GatedMerge
 
     g = torch.Generator().manual_seed(3)
@@ -151,14 +156,16 @@ def test_gated_merge_gives_tied_gates_gradient_to_channel_attention(dtype, gate_
     x, weight, bias, m_c, m_s, merge_w = inputs
     gate = torch.where(m_c[:, None, :] >= m_s[:, :, None], m_c[:, None, :], m_s[:, :, None])
     expected = ((x @ weight + bias).view(n, p, k) * gate) @ merge_w.T
-    out = _GatedMerge.apply(*inputs)
+    out = _GatedMerge.apply(*inputs, keep)
     tol = 1e-8 if dtype == torch.float64 else 1e-5
     assert torch.allclose(out, expected, atol=tol)
     upstream = torch.randn(n, p, c, generator=g).to(dtype)
-    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs, retain_graph=True)
     ref = torch.autograd.grad((expected * upstream).sum(), inputs)
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, atol=tol)
+    for a, b in zip(torch.autograd.grad((out * upstream).sum(), inputs), grads):
+        assert torch.equal(a, b)
 
 
 def test_dream_fusion_scales_the_signed_map_by_the_larger_gate():

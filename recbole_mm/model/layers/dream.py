@@ -30,9 +30,9 @@ is one matrix product on a channels-last ``F``. Forward + backward, one thread o
 What is left is ``F`` itself, ``[n, H W, C']`` (16 x 40 values per item at the defaults, 17 MB for
 TikTok's 6.7k items), and the gated copy of it; the merge reduces it to ``C`` channels right away.
 :class:`_GatedMerge` runs eq. 1, eq. 6 and the merge for a block of items at a time (``F`` is
-recomputed in the backward pass, never stored), so that every pass over ``F`` stays in the cache,
-and it takes eq. 6's gradient apart with float arithmetic only (torch's boolean ``where`` / ``>=``
-on CPU are several times slower than a multiplication). DREAM forward + backward, one thread on a
+recomputed in the backward pass, or kept where small: below), so that every pass over a block
+stays in the cache, and it takes eq. 6's gradient apart with float arithmetic only (torch's boolean
+``where`` / ``>=`` on CPU are several times slower than a multiplication). DREAM forward + backward, one thread on a
 loaded machine: 6.7k items with d = 16, 0.05 s instead of 0.13 s with the whole ``F`` at once; 12k
 items with d = 48, 0.12 s instead of 0.23 s. Between a block's matrix products, the element-wise
 work of eq. 6 (the gate, its product with ``F``, the gradient's split between the attentions and
@@ -41,6 +41,14 @@ cached as the selective scan's; ``RECBOLE_MM_DREAM_KERNEL=0`` keeps the torch op
 elsewhere too): DREAM forward + backward, one thread, two training runs beside it, 20 ms instead of
 27 ms for TikTok's 6.7k items at d = 16, 65 ms instead of 79 ms for Beauty's 12k at d = 48. (A C
 kernel doing the products too, tiled by eight items, was slower than the products in BLAS.)
+
+``F`` is kept from the forward pass for the backward where it holds at most :data:`_KEEP_BYTES`
+(64 MB: TikTok's 17 MB, Beauty's 31 MB a modality), so that the backward reads it instead of
+recomputing its product; the gate then writes ``F * gate`` into a block-sized buffer, never into the
+kept ``F``, so that a second backward (``retain_graph``) reads it unchanged. Larger maps are
+recomputed block by block, as above, and never held whole. DREAM forward + backward, one thread, idle
+machine: 12k items at d = 48 57.8-60.8 ms instead of 71.1-76.7 ms; TikTok's 6.7k at d = 16, whose
+product is short (17 values deep), 20.4-22.8 ms against 20.8-27.9 ms.
 
 Map layout. ``default_map_shape(d)`` picks the smallest square ``H = W >= 3`` dividing ``d`` (else the
 smallest near-square ``3 <= H <= W``), e.g. ``d = 48 -> 3x4x4``, ``64 -> 4x4x4``, ``24 -> 2x3x4``;
@@ -179,10 +187,15 @@ class DREAM(nn.Module):
         m_c = self.channel_att(gap)  # eq. 2-3
         conv = self.spatial_att[0]  # a 1x1 conv from one channel to one is a scalar affine map
         m_s = torch.sigmoid(channel_mean * conv.weight.reshape(()) + conv.bias)  # eq. 4-5
-        merged = _GatedMerge.apply(x, weight.flatten(1), bias.flatten(), m_c, m_s, self.merge.weight.flatten(1))
+        merged = _GatedMerge.apply(x, weight.flatten(1), bias.flatten(), m_c, m_s, self.merge.weight.flatten(1),
+                                   torch.is_grad_enabled())
         merged = merged + self.merge.bias  # the 1x1 merge conv's bias, [n, H W, C]
         return self.out(merged.transpose(1, 2).flatten(1)).reshape(*lead, self.out_dim)
 
+
+#: the largest ``F`` (bytes) that :class:`_GatedMerge` keeps from the forward pass for the backward; a
+#: larger one is recomputed there block by block (module docstring, "Cost")
+_KEEP_BYTES = 1 << 26
 
 #: values of ``F`` per block of :class:`_GatedMerge` and torch thread (:func:`row_blocks`): 512 KB in
 #: float32, a few such maps fit in a core's cache
@@ -199,44 +212,64 @@ class _GatedMerge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m_c, m_s, merge_w):
+    def forward(ctx, x, weight, bias, m_c, m_s, merge_w, grad_enabled):
         # [x, 1] [W; b] = x W + b: the bias rides in the product (no pass over F for it), and the
         # backward's x^T dF yields b's gradient as its last row
         x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         wb = torch.cat([weight, bias[None]])
         m_c, m_s = m_c.contiguous(), m_s.contiguous()
-        ctx.save_for_backward(x1, wb, m_c, m_s, merge_w)
         n, p, k = x.shape[0], m_s.shape[1], m_c.shape[1]
+        blocks = row_blocks(n, p * k, _BLOCK_VALUES, x1.device)
+        # F kept for the backward where it is small (module docstring, "Cost"); the gate then works
+        # on a copy of each block in a buffer that stays in the cache
+        kept = x1.new_empty(n, p, k) if grad_enabled and n * p * k * x1.element_size() <= _KEEP_BYTES else None
+        buffer = None if kept is None else x1.new_empty(blocks[0].stop - blocks[0].start, p, k) if blocks else None
+        ctx.save_for_backward(x1, wb, m_c, m_s, merge_w, kept)
         out = x.new_empty(n, p, merge_w.shape[0])
         lib = _kernel_for(x1)
-        for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
-            fused = torch.mm(x1[rows], wb).view(-1, p, k)
-            _gate(lib, fused, m_c[rows], m_s[rows])  # eq. 6: the larger gate scales the signed F
-            torch.matmul(fused, merge_w.T, out=out[rows])
+        for rows in blocks:
+            fused, gated = _block_of_f(x1, wb, kept, buffer, rows, p, k)
+            _gate(lib, fused, m_c[rows], m_s[rows], gated)  # eq. 6: the larger gate scales the signed F
+            torch.matmul(gated, merge_w.T, out=out[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x1, wb, m_c, m_s, merge_w = ctx.saved_tensors
+        x1, wb, m_c, m_s, merge_w, kept = ctx.saved_tensors
         n, p, k = x1.shape[0], m_s.shape[1], m_c.shape[1]
         grad = grad.contiguous()  # arrives transposed from the output layer's flatten
         grad_x, grad_m_c, grad_m_s = x1.new_empty(n, x1.shape[1] - 1), torch.empty_like(m_c), torch.empty_like(m_s)
         grad_wb, grad_merge = torch.zeros_like(wb), torch.zeros_like(merge_w)
         weight_t = wb[:-1].T
         lib = _kernel_for(x1)
-        for rows in row_blocks(n, p * k, _BLOCK_VALUES, x1.device):
-            fused = torch.mm(x1[rows], wb).view(-1, p, k)
+        blocks = row_blocks(n, p * k, _BLOCK_VALUES, x1.device)
+        buffer = None if kept is None else x1.new_empty(blocks[0].stop - blocks[0].start, p, k) if blocks else None
+        for rows in blocks:
+            fused, gated = _block_of_f(x1, wb, kept, buffer, rows, p, k, store=False)
             grad_y = torch.matmul(grad[rows], merge_w)  # [rows, P, K], the gradient at F * gate
-            _gate_gradients(lib, fused, grad_y, m_c[rows], m_s[rows], grad_m_c[rows], grad_m_s[rows])
-            grad_merge.addmm_(grad[rows].view(-1, grad.shape[-1]).T, fused.view(-1, k))
+            _gate_gradients(lib, fused, gated, grad_y, m_c[rows], m_s[rows], grad_m_c[rows], grad_m_s[rows])
+            grad_merge.addmm_(grad[rows].view(-1, grad.shape[-1]).T, gated.view(-1, k))
             grad_fused = grad_y.view(-1, p * k)
             grad_wb.addmm_(x1[rows].T, grad_fused)
             torch.mm(grad_fused, weight_t, out=grad_x[rows])
-        return grad_x, grad_wb[:-1], grad_wb[-1], grad_m_c, grad_m_s, grad_merge
+        return grad_x, grad_wb[:-1], grad_wb[-1], grad_m_c, grad_m_s, grad_merge, None
 
 
-_FUNCTIONS = (("dream_gate_forward", (I64,) * 3 + (ADDRESS,) * 3),
-              ("dream_gate_backward", (I64,) * 3 + (ADDRESS,) * 6))
+def _block_of_f(x1: torch.Tensor, wb: torch.Tensor, kept: Optional[torch.Tensor], buffer: Optional[torch.Tensor],
+                rows: slice, p: int, k: int, store: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A block of ``F = [x, 1] [W; b]``, ``[rows, P, K]``, and where the gate is to write ``F * gate``:
+    computed afresh and gated in place where ``kept`` is None; else ``kept``'s rows (which the
+    forward pass, ``store``, computes first) gated into ``buffer``."""
+    if kept is None:
+        fused = torch.mm(x1[rows], wb).view(-1, p, k)
+        return fused, fused
+    if store:
+        torch.mm(x1[rows], wb, out=kept[rows].view(-1, p * k))
+    return kept[rows], buffer[: rows.stop - rows.start]
+
+
+_FUNCTIONS = (("dream_gate_forward", (I64,) * 3 + (ADDRESS,) * 4),
+              ("dream_gate_backward", (I64,) * 3 + (ADDRESS,) * 7))
 
 
 def load_kernel() -> Tuple[Optional[ctypes.CDLL], str]:
@@ -250,29 +283,31 @@ def _kernel_for(x: torch.Tensor) -> Optional[ctypes.CDLL]:
     return load_kernel()[0] if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
-def _gate(lib: Optional[ctypes.CDLL], fused: torch.Tensor, m_c: torch.Tensor, m_s: torch.Tensor) -> None:
-    """``F *= max(M_c, M_s)`` in place on a block ``F [rows, P, K]`` (contiguous), with the compiled gate
-    ``lib`` (:func:`_kernel_for`) or the torch ops."""
+def _gate(lib: Optional[ctypes.CDLL], fused: torch.Tensor, m_c: torch.Tensor, m_s: torch.Tensor,
+          gated: torch.Tensor) -> None:
+    """``gated = F * max(M_c, M_s)`` for a block ``F [rows, P, K]`` in ``fused`` (both contiguous;
+    ``gated`` may be ``fused``), with the compiled gate ``lib`` (:func:`_kernel_for`) or the torch ops."""
     if lib is not None:
-        lib.dream_gate_forward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused))
+        lib.dream_gate_forward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused), ptr(gated))
     else:
-        fused.mul_(torch.maximum(m_c[:, None, :], m_s[:, :, None]))
+        torch.mul(fused, torch.maximum(m_c[:, None, :], m_s[:, :, None]), out=gated)
 
 
-def _gate_gradients(lib: Optional[ctypes.CDLL], fused: torch.Tensor, grad_y: torch.Tensor, m_c: torch.Tensor,
-                    m_s: torch.Tensor, grad_m_c: torch.Tensor, grad_m_s: torch.Tensor) -> None:
+def _gate_gradients(lib: Optional[ctypes.CDLL], fused: torch.Tensor, gated: torch.Tensor, grad_y: torch.Tensor,
+                    m_c: torch.Tensor, m_s: torch.Tensor, grad_m_c: torch.Tensor, grad_m_s: torch.Tensor) -> None:
     """Eq. 6 backwards on a block: with ``F`` in ``fused`` and the gradient at ``F * gate`` in
     ``grad_y`` (both ``[rows, P, K]``, contiguous), writes the gates' gradients into ``grad_m_c`` and
-    ``grad_m_s`` and leaves ``F * gate`` in ``fused`` and the gradient at ``F`` in ``grad_y``. One pass
-    in the compiled kernel (CPU float32: the per-element torch ops below cost more than the block's
-    products there: ``lib``, :func:`_kernel_for`); the torch ops elsewhere."""
+    ``grad_m_s``, ``F * gate`` into ``gated`` (which may be ``fused``) and the gradient at ``F`` into
+    ``grad_y``. One pass in the compiled kernel (CPU float32: the per-element torch ops below cost
+    more than the block's products there: ``lib``, :func:`_kernel_for`); the torch ops elsewhere."""
     if lib is not None:
-        lib.dream_gate_backward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused), ptr(grad_y), ptr(grad_m_c), ptr(grad_m_s))
+        lib.dream_gate_backward(*fused.shape, ptr(m_c), ptr(m_s), ptr(fused), ptr(gated), ptr(grad_y), ptr(grad_m_c),
+                                ptr(grad_m_s))
         return
     c, s = m_c[:, None, :], m_s[:, :, None]
     gate = torch.maximum(c, s)
     grad_gate = grad_y * fused
-    fused.mul_(gate)
+    torch.mul(fused, gate, out=gated)
     grad_y.mul_(gate)
     # the gate's gradient goes to M_s where M_s > M_c, to M_c elsewhere; threshold_backward
     # (ReLU's backward: grad where the second argument > 0) does the split in floats
