@@ -42,13 +42,15 @@ elsewhere too): DREAM forward + backward, one thread, two training runs beside i
 27 ms for TikTok's 6.7k items at d = 16, 65 ms instead of 79 ms for Beauty's 12k at d = 48. (A C
 kernel doing the products too, tiled by eight items, was slower than the products in BLAS.)
 
-``F`` is kept from the forward pass for the backward where it holds at most :data:`_KEEP_BYTES`
-(64 MB: TikTok's 17 MB, Beauty's 31 MB a modality), so that the backward reads it instead of
-recomputing its product; the gate then writes ``F * gate`` into a block-sized buffer, never into the
-kept ``F``, so that a second backward (``retain_graph``) reads it unchanged. Larger maps are
-recomputed block by block, as above, and never held whole. DREAM forward + backward, one thread, idle
-machine: 12k items at d = 48 57.8-60.8 ms instead of 71.1-76.7 ms; TikTok's 6.7k at d = 16, whose
-product is short (17 values deep), 20.4-22.8 ms against 20.8-27.9 ms.
+On a CPU ``F`` is kept from the forward pass for the backward where it holds at most
+:data:`_KEEP_BYTES` (64 MB: TikTok's 17 MB, Beauty's 31 MB a modality), so that the backward reads
+it instead of recomputing its product; the gate then writes ``F * gate`` into a block-sized buffer,
+never into the kept ``F``, so that a second backward (``retain_graph``) reads it unchanged. Larger
+maps (and maps on a GPU, where the product is cheap) are recomputed, as above. DREAM forward +
+backward, one thread, idle machine: 12k items at d = 48 57.8-60.8 ms instead of 71.1-76.7 ms;
+TikTok's 6.7k at d = 16, whose product is short (17 values deep), 20.4-22.8 ms against 20.8-27.9
+ms. A Beauty epoch as one two-thread job: 17.7 s instead of 19.6 s; two runs side by side on two
+cores gain nothing (docs/results/mambarec-cost.md, "Blocks per thread").
 
 Map layout. ``default_map_shape(d)`` picks the smallest square ``H = W >= 3`` dividing ``d`` (else the
 smallest near-square ``3 <= H <= W``), e.g. ``d = 48 -> 3x4x4``, ``64 -> 4x4x4``, ``24 -> 2x3x4``;
@@ -69,7 +71,7 @@ that reaches no neighbour.
 
 import ctypes
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,10 +222,10 @@ class _GatedMerge(torch.autograd.Function):
         m_c, m_s = m_c.contiguous(), m_s.contiguous()
         n, p, k = x.shape[0], m_s.shape[1], m_c.shape[1]
         blocks = row_blocks(n, p * k, _BLOCK_VALUES, x1.device)
-        # F kept for the backward where it is small (module docstring, "Cost"); the gate then works
-        # on a copy of each block in a buffer that stays in the cache
-        kept = x1.new_empty(n, p, k) if grad_enabled and n * p * k * x1.element_size() <= _KEEP_BYTES else None
-        buffer = None if kept is None else x1.new_empty(blocks[0].stop - blocks[0].start, p, k) if blocks else None
+        # F kept for the backward where it is small, on a CPU (module docstring, "Cost")
+        keep = grad_enabled and x1.device.type == "cpu" and n * p * k * x1.element_size() <= _KEEP_BYTES
+        kept = x1.new_empty(n, p, k) if keep else None
+        buffer = _gate_buffer(kept, blocks)
         ctx.save_for_backward(x1, wb, m_c, m_s, merge_w, kept)
         out = x.new_empty(n, p, merge_w.shape[0])
         lib = _kernel_for(x1)
@@ -243,7 +245,7 @@ class _GatedMerge(torch.autograd.Function):
         weight_t = wb[:-1].T
         lib = _kernel_for(x1)
         blocks = row_blocks(n, p * k, _BLOCK_VALUES, x1.device)
-        buffer = None if kept is None else x1.new_empty(blocks[0].stop - blocks[0].start, p, k) if blocks else None
+        buffer = _gate_buffer(kept, blocks)
         for rows in blocks:
             fused, gated = _block_of_f(x1, wb, kept, buffer, rows, p, k, store=False)
             grad_y = torch.matmul(grad[rows], merge_w)  # [rows, P, K], the gradient at F * gate
@@ -253,6 +255,14 @@ class _GatedMerge(torch.autograd.Function):
             grad_wb.addmm_(x1[rows].T, grad_fused)
             torch.mm(grad_fused, weight_t, out=grad_x[rows])
         return grad_x, grad_wb[:-1], grad_wb[-1], grad_m_c, grad_m_s, grad_merge, None
+
+
+def _gate_buffer(kept: Optional[torch.Tensor], blocks: List[slice]) -> Optional[torch.Tensor]:
+    """Where the gate writes ``F * gate`` for a block when ``F`` is kept (None otherwise: in place), so
+    that the kept ``F`` stays as it is; one block's size, which stays in the cache."""
+    if kept is None or not blocks:
+        return None
+    return kept.new_empty(blocks[0].stop - blocks[0].start, *kept.shape[1:])
 
 
 def _block_of_f(x1: torch.Tensor, wb: torch.Tensor, kept: Optional[torch.Tensor], buffer: Optional[torch.Tensor],
