@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,8 +43,6 @@ def interrupted_at_epoch(epoch: int):
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Inside the block torch runs on ``n`` threads; the count before is restored after it."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
