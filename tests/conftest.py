@@ -51,6 +51,13 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The module's tests run on one torch thread (a module names why in its ``pytestmark``)."""
+    with torch_threads(1):
+        yield
+
+
 def load_benchmark_script(name):
     """A script of benchmarks/ as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")

@@ -11,7 +11,6 @@ from recbole_mm.model.general_recommender.freedom import degree_sensitive_edges,
 from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, ItemFeatureProjection
 from recbole_mm.model.sequential_recommender.mamba4rec import Mamba4RecLayer
 
-from conftest import torch_threads
 
 SEQUENTIAL = ["Mamba4Rec", "Mamba4RecMM", "SASRecMM", "MMMLP"]
 GENERAL = ["VBPR", "FREEDOM"]
@@ -39,11 +38,8 @@ EPOCHS = 3  # enough on the planted data for every model to pass Pop by a wide m
 METRIC = {**{m: "ndcg@10" for m in SEQUENTIAL}, **{m: "recall@10" for m in GENERAL}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: OpenMP synchronisation between 2 threads costs more than the work."""
-    with torch_threads(1):
-        yield
+# tiny models: OpenMP synchronisation between 2 threads costs more than the work
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,12 @@ from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
 
-from conftest import load_benchmark_script, torch_threads
+from conftest import load_benchmark_script
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: with 2 threads, OpenMP synchronisation costs more than the work
-    (an epoch took 8.6 s with 2 threads and 1.0 s with 1 on a loaded 2-core machine)."""
-    with torch_threads(1):
-        yield
+# these models are tiny: with 2 threads, OpenMP synchronisation costs more than the work (an epoch
+# took 8.6 s with 2 threads and 1.0 s with 1 on a loaded 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ Stein estimator and IICM

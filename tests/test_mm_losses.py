@@ -11,14 +11,9 @@ from recbole_mm.model.loss.kernels import exponent_factors, gaussian_kernel, ker
 from recbole_mm.model.loss.mixins import AlignmentLossMixin, BPRLossMixin, EmbRegLossMixin
 from recbole_mm.model.loss.mmd import MMDLoss
 
-from conftest import torch_threads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The block sizes the tests name hold on one thread (the budget of a block is per thread)."""
-    with torch_threads(1):
-        yield
+# the block sizes the tests name hold on one thread (the budget of a block is per thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mmd_by_hand(x, y, sigma):
