@@ -32,9 +32,9 @@ TikTok's 6.7k items), and the gated copy of it; the merge reduces it to ``C`` ch
 :class:`_GatedMerge` runs eq. 1, eq. 6 and the merge for a block of items at a time (``F`` is
 recomputed in the backward pass, or kept where small: below), so that every pass over a block
 stays in the cache, and it takes eq. 6's gradient apart with float arithmetic only (torch's boolean
-``where`` / ``>=`` on CPU are several times slower than a multiplication). DREAM forward + backward, one thread on a
-loaded machine: 6.7k items with d = 16, 0.05 s instead of 0.13 s with the whole ``F`` at once; 12k
-items with d = 48, 0.12 s instead of 0.23 s. Between a block's matrix products, the element-wise
+``where`` / ``>=`` on CPU are several times slower than a multiplication). DREAM forward + backward,
+one thread on a loaded machine: 6.7k items with d = 16, 0.05 s instead of 0.13 s with the whole
+``F`` at once; 12k items with d = 48, 0.12 s instead of 0.23 s. Between a block's matrix products, the element-wise
 work of eq. 6 (the gate, its product with ``F``, the gradient's split between the attentions and
 their sums) is one pass of a small C kernel on CPU float32 tensors (``csrc/dream_gate.c``, built and
 cached as the selective scan's; ``RECBOLE_MM_DREAM_KERNEL=0`` keeps the torch ops, which run

@@ -68,9 +68,10 @@ def _log_backend_once(line: str) -> None:
         logging.getLogger().info(line)
 
 
-# Elements of one [l, b_chunk, d, n] block the scan works on at a time, per torch thread (row_blocks):
-# ~2 MB of float32, the size of this project's CPU's per-core L2 cache. Measured (1 thread, batch 128, d_state 16): at
-# length 50, d_inner 512 chunks of 1-2 sequences were fastest, at d_inner 128 chunks of 4.
+# Elements of one [l, b_chunk, d, n] block the scan works on at a time, per torch thread
+# (row_blocks): ~2 MB of float32, the size of this project's CPU's per-core L2 cache. Measured (1
+# thread, batch 128, d_state 16): at length 50, d_inner 512 chunks of 1-2 sequences were fastest, at
+# d_inner 128 chunks of 4.
 _SCAN_BLOCK_ELEMENTS = 2 ** 19
 
 
