@@ -153,6 +153,25 @@ def test_mgcn_options(planted):
         _mgcn(planted, reg_embeddings="bogus")
 
 
+@pytest.mark.parametrize("side, scale", [("half", 0.5), ("full", 1.0)])
+def test_single_modality_side_view(planted, side, scale):
+    """One modality: the specific part is zero, so e_side is the item view times 1/2 (MGCN's
+    divisor M + 1) or times 1; with two modalities the key changes nothing."""
+    model, _ = _mgcn(planted, modalities=["image"], single_modality_side=side)
+    model.eval()
+    with torch.no_grad():
+        enc = model.encode()
+    assert torch.allclose(enc.side_items, scale * enc.item_views[0], atol=1e-6)
+    torch.manual_seed(0)
+    views, content = [torch.randn(5, 16), torch.randn(5, 16)], torch.randn(5, 16)
+    two = ViewFuser(16, 2, side)
+    reference = ViewFuser(16, 2)
+    reference.load_state_dict(two.state_dict())
+    assert torch.equal(two(views, content), reference(views, content))
+    with pytest.raises(ValueError, match="single_modality_side"):
+        ViewFuser(16, 1, "double")
+
+
 def test_mgcn_training_beats_popularity_and_decays_the_learning_rate(planted, tmp_path, monkeypatch):
     from recbole_mm.registry import get_model, get_trainer
 

@@ -57,11 +57,11 @@ HASH_IGNORED = frozenset({
 #: negatives, as they were; FindRec's ID stream over the ID embeddings and eq. 4's output; no item ID
 #: dropout in the (MM) baselines and FindRec's feature logits; cold items scored by the model itself; MGCN's and MambaRec's loss
 #: terms not logged, ``~`` in their YAML, while FindRec's ``false`` has always been hashed; IICM on the views
-#: as they are), so such
+#: as they are; MGCN's halved side view of a single modality), so such
 #: runs keep their key; other values hash as new
 HASH_NEUTRAL = {"iicm_share": None, "cold_negatives": True, "id_input": "id", "log_loss_terms": None,
                 "output_head": "ffn", "item_id_dropout": 0.0, "cold_item_neighbours": 0,
-                "iicm_normalize": False, "iicm_sigma_attached": False}
+                "iicm_normalize": False, "iicm_sigma_attached": False, "single_modality_side": "half"}
 #: keys that mean nothing unless another key is set: left out of the hash then (``cold_negatives``
 #: came after runs without cold items had finished, which keep their key)
 HASH_ONLY_WITH = {"cold_negatives": "cold_item_ratio"}

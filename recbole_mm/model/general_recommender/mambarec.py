@@ -26,7 +26,7 @@ followed by DREAM (local alignment), and the loss gains the global alignment ter
    purifier gate on the item-ID embedding, ``n_mm_layers`` steps over the kNN graph, user views over
    the normalised user-item matrix, LightGCN content view (``n_ui_layers``), fuser, ``e* = e_id +
    e_side`` (eq. 14). With one modality the fuser's specific part is zero and ``e_side = v / 2``
-   (MGCN's ``/(M + 1)``), half the scale of a view.
+   (MGCN's ``/(M + 1)``), half the scale of a view, or ``v`` with ``single_modality_side: full``.
 
 Loss (eq. 16): ``BPR + cl_weight * InfoNCE + mmd_weight * MMD^2 + reg_weight * L2``. MMD^2 (sec. 4.2,
 eq. 7-9): unbiased for paired samples, Gaussian kernel summed over ``mmd_bandwidth``. InfoNCE (eq. 10,
@@ -51,8 +51,8 @@ computed with the value, over row blocks of their ``[N, N]`` matrices
 2048, one thread: ``benchmarks/mambarec_cost.py``.
 
 Hyperparameters (``properties/model/MambaRec.yaml``): MGCN's (embedding_size, knn_k, n_ui_layers,
-n_mm_layers, feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight, cl_temp,
-reg_weight, reg_embeddings, log_loss_terms) and reduction_ratio, reduced_dim, cl_views, mmd_weight, mmd_bandwidth,
+n_mm_layers, single_modality_side, feature_norm, train_features, modality_layernorm, modality_dropout,
+cl_weight, cl_temp, reg_weight, reg_embeddings, log_loss_terms) and reduction_ratio, reduced_dim, cl_views, mmd_weight, mmd_bandwidth,
 mmd_input, use_dream, use_mmd, use_cl, dream_map_shape, dream_dilations, dream_branch_channels,
 dream_att_reduction, dream_shared. The views come from the dataset (``modalities``).
 """

@@ -17,8 +17,8 @@ Per modality ``m`` of the dataset's ``modalities`` (any number >= 1):
    the content view ``e_id``;
 5. behaviour-aware fuser (eq. 7-9): attention over the modality views gives the common part, each
    view's specific part ``v_m - common`` is gated by ``sigmoid(W_m e_id)``;
-   ``e_side = (common + sum_m specific_m) / (M + 1)``; final ``e* = e_id + e_side``, score
-   ``e*_u . e*_i``.
+   ``e_side = (common + sum_m specific_m) / (M + 1)`` (with one modality ``v / 2``, or ``v`` with
+   ``single_modality_side: full``); final ``e* = e_id + e_side``, score ``e*_u . e*_i``.
 
 Loss (eq. 10-13): ``BPR + cl_weight * (InfoNCE(e_side, e_id) on the batch's items + the same on its
 users) + reg_weight * L2``, InfoNCE temperature ``cl_temp``. The L2 term is RecBole's ``EmbLoss``
@@ -42,8 +42,8 @@ item once and caches them (``restore_user_e`` / ``restore_item_e``, as RecBole's
 ``calculate_loss``.
 
 Hyperparameters (``properties/model/MGCN.yaml``): embedding_size, knn_k, n_ui_layers, n_mm_layers,
-feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight, cl_temp, reg_weight,
-reg_embeddings; ``log_loss_terms`` (~ = off) logs each term's value and gradient at ``h^m`` per
+single_modality_side, feature_norm, train_features, modality_layernorm, modality_dropout, cl_weight,
+cl_temp, reg_weight, reg_embeddings; ``log_loss_terms`` (~ = off) logs each term's value and gradient at ``h^m`` per
 epoch (:class:`~recbole_mm.model.loss.term_log.LossTermLog`). MambaRec (:mod:`recbole_mm.model.general_recommender.mambarec`) is this model with
 DREAM in place of the projection and MMD / InfoNCE alignment added to the loss.
 """
@@ -117,7 +117,7 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
             )
             for m in self.modalities
         )
-        self.fuser = ViewFuser(emb, len(self.modalities))
+        self.fuser = ViewFuser(emb, len(self.modalities), config["single_modality_side"])
         self.user_embedding = nn.Embedding(self.n_users, emb)
         self.item_embedding = nn.Embedding(self.n_items, emb)
 

@@ -93,19 +93,30 @@ class ModalityView(nn.Module):
         return (view, h) if return_embeddings else view
 
 
+#: the side view of a single modality (``single_modality_side``): MGCN's ``/ (M + 1)``, or the view itself
+SINGLE_MODALITY_SIDES = ("half", "full")
+
+
 class ViewFuser(nn.Module):
     """MGCN's fuser of ``M`` modality views ``[n, emb]`` given the content (ID) view ``[n, emb]``:
     ``(common + sum_m sigmoid(W_m content) * (v_m - common)) / (M + 1)`` with
-    ``common = sum_m softmax_m(w^T tanh(W v_m)) v_m``."""
+    ``common = sum_m softmax_m(w^T tanh(W v_m)) v_m``.
 
-    def __init__(self, emb: int, n_views: int):
+    With one view ``common = v`` and the specific part is zero, so MGCN's divisor leaves ``v / 2``
+    (``single_modality: "half"``): a single-modality ablation also halves the side view's scale
+    against ``e_id``. ``"full"`` divides by the one part there is and keeps ``v``."""
+
+    def __init__(self, emb: int, n_views: int, single_modality: str = "half"):
         super().__init__()
+        if single_modality not in SINGLE_MODALITY_SIDES:
+            raise ValueError(f"single_modality_side must be one of {SINGLE_MODALITY_SIDES}, got {single_modality!r}")
         self.query = nn.Sequential(nn.Linear(emb, emb), nn.Tanh(), nn.Linear(emb, 1, bias=False))
         self.prefer = nn.ModuleList(nn.Sequential(nn.Linear(emb, emb), nn.Sigmoid()) for _ in range(n_views))
+        self.divisor = 1 if n_views == 1 and single_modality == "full" else n_views + 1
 
     def forward(self, views: List[torch.Tensor], content: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(views, dim=1)  # [n, M, emb]
         weights = torch.softmax(self.query(stacked), dim=1)  # [n, M, 1]
         common = (weights * stacked).sum(1)
         specific = [(v - common) * prefer(content) for v, prefer in zip(views, self.prefer)]
-        return (common + sum(specific)) / (len(views) + 1)
+        return (common + sum(specific)) / self.divisor
