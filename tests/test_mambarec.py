@@ -192,6 +192,10 @@ def test_on_a_1x1_map_dilated_branches_are_their_centre_tap_1x1_conv(caplog):
     with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.dream"):
         dream = DREAM(48, 16, map_shape=[48, 1, 1], dilations=[6, 12, 18])
     assert sum("reaches no neighbour" in r.getMessage() for r in caplog.records) == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recbole_mm.model.layers.dream"):
+        DREAM(16, 16, map_shape=[16, 1, 1])  # default rates on a 1x1 map: 1, 1, 1, one warning
+    assert sum("reaches no neighbour" in r.getMessage() for r in caplog.records) == 1
     x = torch.randn(5, 48, 1, 1)
     for conv in dream.dilated:
         centre = F.conv2d(x, conv.weight[:, :, 1:2, 1:2], conv.bias)

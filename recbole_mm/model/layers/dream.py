@@ -139,7 +139,7 @@ class DREAM(nn.Module):
         self.dilations = tuple(int(r) for r in dilations)
         if len(self.dilations) != 3 or min(self.dilations) < 1:
             raise ValueError(f"dream_dilations must be three positive rates, got {list(self.dilations)}")
-        for r in self.dilations:
+        for r in sorted(set(self.dilations)):  # once a rate: a 1x1 map's default rates are 1, 1, 1
             if r >= h and r >= w:
                 logger.warning(
                     "DREAM: dilation %d on a %dx%d map reaches no neighbour; the branch reduces to its "
