@@ -6,7 +6,18 @@ Importing the package applies the compatibility fixes and registers our models i
 run FindRec, MambaRec and every RecBole model by name.
 """
 
-from recbole_mm import compat
+import os
+import sys
+
+# torch's CPU threads (libgomp) spin 300,000 times at each barrier before they sleep; beside another busy
+# job in a session of its own, a two-thread run then spends its share of the cores spinning: 20-90x
+# slower steps, against 3-8x spinning 10,000 times and no cost alone (docs/design.md, §threads). libgomp
+# reads the setting when torch loads, so it is set before the first import of torch, and only where the
+# user has chosen neither variable.
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+
+from recbole_mm import compat  # noqa: E402
 
 compat.apply()
 
