@@ -10,8 +10,8 @@ import os
 import sys
 
 # torch's CPU threads (libgomp) spin 300,000 times at each barrier before they sleep; beside another busy
-# job in a session of its own, a two-thread run then spends its share of the cores spinning: 20-90x
-# slower steps, against 3-8x spinning 10,000 times and no cost alone (docs/design.md, §threads). libgomp
+# job in a session of its own, a two-thread run then spends its share of the cores spinning: 19-89x
+# slower steps, against 1.5-8x spinning 10,000 times and no cost alone (docs/design.md, §threads). libgomp
 # reads the setting when torch loads, so it is set before the first import of torch, and only where the
 # user has chosen neither variable.
 if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
