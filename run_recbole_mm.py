@@ -66,9 +66,12 @@ def main(argv=None):
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    return run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
-               world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset,
-               resume=args.resume)
+    try:
+        return run(args.model, args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+                   world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset,
+                   resume=args.resume)
+    except ConfigError as err:  # a value out of range, from any layer: raised as the Config is built
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from recbole_mm.utils import CheckpointError, load_checkpoint
 def cli_error(capsys, *argv):
     with pytest.raises(SystemExit) as stop:
         run_recbole_mm.main(list(argv))
-    assert stop.value.code == 2  # argparse's usage error, before any Config or data is built
+    assert stop.value.code == 2  # argparse's usage error, before any data are loaded
     return capsys.readouterr().err
 
 
@@ -87,6 +87,16 @@ def test_help_lists_key_value_and_benchmark(capsys):
     ("FindRec", "use_iicm", 0, "true or false"),
     ("MambaRec", "use_dream", "no", "true or false"),
     ("BPR", "cold_negatives", 1, "true or false"),
+    ("FindRec", "output_head", "resid", "one of 'ffn', 'residual'"),
+    ("FindRec", "id_input", "sum", "one of 'id', 'fused', 'summed'"),
+    ("FindRec", "iicm_entropy", "rbf", "one of 'stein', 'kl'"),
+    ("FindRec", "lr_schedule", "linear", "one of 'constant', 'cosine'"),
+    ("Mamba4Rec", "mamba_backend", "triton", "one of 'auto', 'cuda', 'torch'"),
+    ("MambaRec", "cl_views", "both", "one of 'modalities', 'side_content'"),
+    ("MambaRec", "mmd_input", "raw", "one of 'embeddings', 'views'"),
+    ("MGCN", "reg_embeddings", "all", "one of 'ego', 'final'"),
+    ("MambaRec", "single_modality_side", "third", "one of 'half', 'full'"),
+    ("VBPR", "feature_norm", "minmax", "one of 'none', 'l2', 'standard'"),
 ])
 def test_out_of_range_value_names_key_value_and_range(model, key, value, allowed):
     with pytest.raises(ConfigError, match=re.escape(f"{key} = {value!r}: expected ") + allowed):
@@ -97,6 +107,17 @@ def test_values_from_the_command_line_are_checked_too(monkeypatch):
     monkeypatch.setattr("sys.argv", ["run_recbole_mm.py", "--n_heads=0"])
     with pytest.raises(ConfigError, match=r"n_heads = 0: expected an integer >= 1"):
         Config(model="FindRec", dataset="ml-100k", config_dict={"state": "WARNING"})
+
+
+def test_a_bad_value_on_the_command_line_stops_before_the_data_are_loaded(capsys, monkeypatch):
+    def load(*_):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr("recbole_mm.quick_start.quick_start.build_data_and_model", load)
+    argv = ["--model=FindRec", "--dataset=ml-100k", "--output_head=resid"]
+    monkeypatch.setattr("sys.argv", ["run_recbole_mm.py", *argv])  # RecBole's Config reads sys.argv
+    err = cli_error(capsys, *argv)
+    assert "output_head = 'resid': expected one of 'ffn', 'residual'" in err
 
 
 def test_zero_epochs_warns_that_nothing_is_trained(caplog):

@@ -33,7 +33,14 @@ import yaml
 
 from recbole_mm.config.properties import properties_dir
 from recbole_mm.evaluation.topk import MODES as TOPK_EVAL_MODES
+from recbole_mm.model.general_recommender.mambarec import CL_VIEWS, MMD_INPUTS
+from recbole_mm.model.general_recommender.mgcn import REG_EMBEDDINGS
+from recbole_mm.model.layers.mamba import BACKENDS as MAMBA_BACKENDS
+from recbole_mm.model.layers.multiview import FEATURE_NORMS, SINGLE_MODALITY_SIDES
+from recbole_mm.model.loss.stein import ENTROPY_TERMS
+from recbole_mm.model.sequential_recommender.findrec import ID_INPUTS, OUTPUT_HEADS
 from recbole_mm.names import nearest
+from recbole_mm.trainer.findrec_trainer import SCHEDULES
 
 #: prefix of a command-line key passed on purpose although no configuration file knows it
 FREE_PREFIX = "free."
@@ -123,20 +130,28 @@ RULES: Dict[str, Rule] = {
     # sizes and counts of our models, wherever a model uses the name (Mamba blocks, kNN graphs)
     "align_dim": COUNT, "d_state": COUNT, "d_conv": COUNT, "expand": COUNT, "n_experts": COUNT, "knn_k": COUNT,
     "reduction_ratio": COUNT, "n_ui_layers": NON_NEGATIVE_INT, "n_mm_layers": NON_NEGATIVE_INT, "num_layers": COUNT,
+    # named choices of our models, the tuples their modules check against: a typo stops the run
+    # here, before the data are loaded, rather than when the model is built
+    "mamba_backend": Rule(str, choices=MAMBA_BACKENDS), "feature_norm": Rule(str, choices=FEATURE_NORMS),
 }
 #: MGCN's own keys, which MambaRec (MGCN + DREAM + MMD) shares
-_MGCN_RULES = {"cl_weight": NON_NEGATIVE, "cl_temp": POSITIVE, "reg_weight": NON_NEGATIVE}
+_MGCN_RULES = {"cl_weight": NON_NEGATIVE, "cl_temp": POSITIVE, "reg_weight": NON_NEGATIVE,
+               "reg_embeddings": Rule(str, choices=REG_EMBEDDINGS),
+               "single_modality_side": Rule(str, choices=SINGLE_MODALITY_SIDES)}
 
 #: rules for one model's own keys (``properties/model/<Model>.yaml``)
 MODEL_RULES: Dict[str, Dict[str, Rule]] = {
     "FindRec": {
         "iicm_weight": NON_NEGATIVE, "iicm_share": POSITIVE, "entropy_weight": NON_NEGATIVE, "moe_balance_weight": NON_NEGATIVE,
         "iicm_sigma": POSITIVE, "stein_eta": POSITIVE, "warmup_steps": NON_NEGATIVE_INT,
+        "id_input": Rule(str, choices=ID_INPUTS), "output_head": Rule(str, choices=OUTPUT_HEADS),
+        "iicm_entropy": Rule(str, choices=ENTROPY_TERMS), "lr_schedule": Rule(str, choices=SCHEDULES),
     },
     "MGCN": _MGCN_RULES,
     "MambaRec": {
         **_MGCN_RULES, "modality_dropout": PROBABILITY, "mmd_weight": NON_NEGATIVE,
         "mmd_bandwidth": Rule(list, item=POSITIVE), "dream_att_reduction": COUNT, "dream_branch_channels": COUNT,
+        "cl_views": Rule(str, choices=CL_VIEWS), "mmd_input": Rule(str, choices=MMD_INPUTS),
     },
     "FREEDOM": {"mm_image_weight": FRACTION, "edge_dropout": PROBABILITY, "reg_weight": NON_NEGATIVE},
     "VBPR": {"reg_weight": NON_NEGATIVE},
