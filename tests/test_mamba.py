@@ -186,6 +186,28 @@ def test_compiled_scan_equals_the_torch_scan_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+@needs_kernel
+def test_compiled_scan_gradient_is_the_same_whichever_slice_finishes_first(monkeypatch):
+    # the threads' slices finish in any order; their partial dA must be summed in one fixed order,
+    # or a run on three or more threads would not repeat itself bit for bit
+    u, delta, A, B, C, _ = (x.detach() for x in _scan_inputs(torch.float32, b=8, length=9, d=33, n=6, seed=3))
+    dy = torch.randn(u.shape, generator=torch.Generator().manual_seed(4))
+
+    def sliced(reverse):
+        def run(total, work, min_slice=1):  # four slices, one after the other, in a given order
+            bounds = [total * i // 4 for i in range(5)]
+            for lo, hi in (reversed if reverse else iter)(list(zip(bounds, bounds[1:]))):
+                work(lo, hi)
+        return run
+
+    grads = []
+    for reverse in (False, True):
+        monkeypatch.setattr(scan_kernel, "run_sliced", sliced(reverse))
+        grads.append(scan_kernel.backward(u, delta, A, B, C, dy))
+    for name, first, last in zip(["u", "delta", "A", "B", "C"], *grads):
+        assert torch.equal(first, last), f"d{name} depends on the order in which the slices finish"
+
+
 @pytest.mark.parametrize("rows_multiple", [1, 8], ids=["exact", "spare-rows"])
 @pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernel), False], ids=["kernel", "step-loop"])
 def test_packed_rows_give_the_padded_result(kernel, rows_multiple):

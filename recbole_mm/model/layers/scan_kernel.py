@@ -78,7 +78,7 @@ def backward(u, delta, A, B, C, dy, offsets: Optional[torch.Tensor] = None):
     A_t = A.t().contiguous()
     d_u, d_delta = torch.empty_like(u), torch.empty_like(delta)
     d_B, d_C = torch.empty_like(B), torch.empty_like(C)
-    partial_A = []
+    partial_A = {}  # each slice's dA, by its first row: summed in row order, whichever finishes first
 
     def work(lo, hi):
         d_A_t = torch.zeros(n, d)
@@ -87,7 +87,7 @@ def backward(u, delta, A, B, C, dy, offsets: Optional[torch.Tensor] = None):
         lib.scan_gradients(hi - lo, ptr(offsets[lo:]), d, n, ptr(u), ptr(delta), ptr(A_t), ptr(B), ptr(C),
                            ptr(dy), ptr(d_u), ptr(d_delta), ptr(d_A_t), ptr(d_B), ptr(d_C), ptr(h), ptr(states),
                            ptr(g), ptr(decay_next))
-        partial_A.append(d_A_t)
+        partial_A[lo] = d_A_t
 
     run_sliced(len(offsets) - 1, work)
-    return d_u, d_delta, torch.stack(partial_A).sum(0).t(), d_B, d_C
+    return d_u, d_delta, torch.stack([partial_A[lo] for lo in sorted(partial_A)]).sum(0).t(), d_B, d_C
