@@ -45,6 +45,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_mm.model.abstract_recommender import CachedDotProductMixin
+from recbole_mm.model.layers.gather import gather_rows
 from recbole_mm.model.layers.graph import (load_or_build_knn_graph, normalized_bipartite_adjacency,
                                            normalized_interaction_matrix, sparse_matmul)
 from recbole_mm.model.layers.item_features import ItemFeatureProjection, dataset_features
@@ -141,8 +142,8 @@ class FREEDOM(CachedDotProductMixin, BPRLossMixin, GeneralRecommender):
             self.pruned_adj = self.prune_graph()
         user, pos, neg = interaction[self.USER_ID], interaction[self.ITEM_ID], interaction[self.NEG_ITEM_ID]
         users, items = self.forward(self.pruned_adj)
-        u = users[user]
-        bpr = self.bpr_loss((u * items[pos]).sum(-1), (u * items[neg]).sum(-1))
+        u = gather_rows(users, user)
+        bpr = self.bpr_loss((u * gather_rows(items, pos)).sum(-1), (u * gather_rows(items, neg)).sum(-1))
         feature_bpr = sum(self.bpr_loss((u * fp).sum(-1), (u * fn).sum(-1))
                           for fp, fn in zip(self.projection(pos), self.projection(neg)))
         return bpr, self.reg_weight * feature_bpr

@@ -58,6 +58,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_mm.model.abstract_recommender import CachedDotProductMixin
+from recbole_mm.model.layers.gather import gather_rows
 from recbole_mm.model.layers.graph import (
     load_or_build_knn_graph,
     normalized_interaction_matrix,
@@ -198,7 +199,8 @@ class MGCN(CachedDotProductMixin, BPRLossMixin, EmbRegLossMixin, InfoNCELossMixi
         batch_items, item_rows = torch.unique(torch.cat([pos, neg]), return_inverse=True)
         pos_rows, neg_rows = item_rows[: pos.numel()], item_rows[pos.numel():]
         enc = self.encode(batch_users, batch_items)
-        u, i_pos, i_neg = enc.users[user_rows], enc.items[pos_rows], enc.items[neg_rows]
+        u = gather_rows(enc.users, user_rows)
+        i_pos, i_neg = gather_rows(enc.items, pos_rows), gather_rows(enc.items, neg_rows)
         bpr = self.bpr_loss((u * i_pos).sum(-1), (u * i_neg).sum(-1))  # eq. 13
         if self.reg_embeddings == "final":
             reg = self.emb_reg_loss(u, i_pos, i_neg)

@@ -15,6 +15,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_mm.model.layers.dropout import Dropout
+from recbole_mm.model.layers.gather import gather_rows
 from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, dataset_features
 from recbole_mm.model.layers.cross_modal import CrossModalAttention, CrossModalMoE
 from recbole_mm.model.layers.packing import Packing
@@ -54,7 +55,7 @@ class ModalityStream(nn.Module):
         # project each distinct item of the batch once, then gather: fewer rows than B*L
         # positions and than the whole item table
         items, where = torch.unique(item_seq, return_inverse=True)
-        return self.proj(self.features[items])[where]
+        return gather_rows(self.proj(self.features[items]), where)
 
     def forward(self, item_seq: torch.Tensor, projected: Optional[torch.Tensor] = None,
                 packing: Optional[Packing] = None):
