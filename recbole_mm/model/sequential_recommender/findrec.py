@@ -115,7 +115,7 @@ class FindRec(SequentialRecommender):
 
     Hyperparameters: ``embedding_size`` (64), ``align_dim`` (256), ``n_layers`` (2), ``d_state``
     (16), ``d_conv`` (4), ``expand`` (2), ``mamba_backend`` (auto|cuda|torch), ``dropout_prob``
-    (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (1e-3),
+    (0.2), ``n_heads`` (8), ``n_experts`` (4), ``moe_balance_weight`` (0), ``iicm_weight`` (0.01),
     ``iicm_entropy`` (stein|kl), ``entropy_weight``, ``iicm_sigma`` (~ = adaptive), ``stein_eta``,
     ``iicm_normalize`` (false), ``iicm_sigma_attached`` (false), ``iicm_share`` (~: a fixed
     ``iicm_weight``; a number: IICM's gradient at ``z_m`` held at that share of the CE's,

@@ -8,7 +8,8 @@ Item ``i`` is ``E_id[i] + sum_m W_m f_m[i]`` (one bias-free linear map per modal
 ``modalities``, :class:`~recbole_mm.model.layers.item_features.ItemFeatureEmbedding`), both as the
 encoder's input and as the candidate it scores. Everything else is Mamba4Rec.
 
-Hyperparameters (``properties/model/Mamba4RecMM.yaml``): Mamba4Rec's and feature_norm. The views come from the
+Hyperparameters (``properties/model/Mamba4RecMM.yaml``): Mamba4Rec's, feature_norm and item_id_dropout
+(in training, an item vector's ID part dropped with that probability). The views come from the
 dataset (``modalities``).
 """
 

@@ -11,7 +11,8 @@ else is RecBole's SASRec.
 
 Hyperparameters (``properties/model/SASRecMM.yaml``): SASRec's (n_layers, n_heads, hidden_size,
 inner_size, hidden_dropout_prob, attn_dropout_prob, hidden_act, layer_norm_eps, initializer_range,
-loss_type) and feature_norm. The views come from the dataset (``modalities``).
+loss_type), feature_norm and item_id_dropout (in training, an item vector's ID part dropped
+with that probability). The views come from the dataset (``modalities``).
 """
 
 from recbole.model.sequential_recommender.sasrec import SASRec
