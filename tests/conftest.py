@@ -74,6 +74,13 @@ def result_row(label, seed, **columns):
             "peak_cuda_mb": float("nan"), "params": 10, "test_users": 5, **columns}
 
 
+def planted_paths(root, **planted_args):
+    """A planted-signal dataset written under ``root/data`` and the paths a test module's runs share:
+    ``{"data_path", "feature_cache_dir", "checkpoint_dir"}``, to merge into a config dict."""
+    return {"data_path": make_planted_dataset(root / "data", **planted_args),
+            "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
+
+
 def shared_dataset(name):
     """Path of ../shared/data/<name>, or skip the test with the reason."""
     folder = SHARED_DATA / name

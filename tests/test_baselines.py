@@ -11,6 +11,8 @@ from recbole_mm.model.general_recommender.freedom import degree_sensitive_edges,
 from recbole_mm.model.layers.item_features import ItemFeatureEmbedding, ItemFeatureProjection
 from recbole_mm.model.sequential_recommender.mamba4rec import Mamba4RecLayer
 
+from conftest import planted_paths
+
 
 SEQUENTIAL = ["Mamba4Rec", "Mamba4RecMM", "SASRecMM", "MMMLP"]
 GENERAL = ["VBPR", "FREEDOM"]
@@ -44,11 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from recbole_mm.data.synthetic import make_planted_dataset
-
-    root = tmp_path_factory.mktemp("baselines")
-    return {"data_path": make_planted_dataset(root / "data"), "feature_cache_dir": str(root / "cache"),
-            "checkpoint_dir": str(root / "saved")}
+    return planted_paths(tmp_path_factory.mktemp("baselines"))
 
 
 def _prepare(data, model, **overrides):

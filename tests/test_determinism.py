@@ -7,7 +7,7 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from conftest import torch_threads
+from conftest import planted_paths, torch_threads
 from recbole_mm.model.layers.gather import gather_rows
 
 
@@ -36,11 +36,7 @@ OVER_MM = {"id_input": "summed", "feature_logits": True, "output_head": "residua
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from recbole_mm.data.synthetic import make_planted_dataset
-
-    root = tmp_path_factory.mktemp("determinism")
-    return {"data_path": make_planted_dataset(root / "data"), "feature_cache_dir": str(root / "cache"),
-            "checkpoint_dir": str(root / "saved")}
+    return planted_paths(tmp_path_factory.mktemp("determinism"))
 
 
 @pytest.mark.parametrize("model, base, overrides", [

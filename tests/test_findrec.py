@@ -17,7 +17,7 @@ from recbole_mm.model.loss.gradient_share import DECAY, GradientShare
 from recbole_mm.model.loss.stein import IICMLoss, SteinEntropy, gaussian_kl
 from recbole_mm.trainer.findrec_trainer import constant_with_warmup, cosine_with_warmup
 
-from conftest import load_benchmark_script
+from conftest import load_benchmark_script, planted_paths
 
 
 # these models are tiny: with 2 threads, OpenMP synchronisation costs more than the work (an epoch
@@ -233,11 +233,7 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def planted3(tmp_path_factory):
-    from recbole_mm.data.synthetic import make_planted_dataset
-
-    root = tmp_path_factory.mktemp("findrec")
-    data_path = make_planted_dataset(root / "data", modalities=("image", "text", "audio"), dims=(32, 24, 8))
-    return {"data_path": data_path, "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
+    return planted_paths(tmp_path_factory.mktemp("findrec"), modalities=("image", "text", "audio"), dims=(32, 24, 8))
 
 
 def _prepare(planted3, **overrides):

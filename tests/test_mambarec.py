@@ -18,7 +18,7 @@ from recbole_mm.model.layers.graph import (
     normalized_interaction_matrix,
 )
 
-from conftest import torch_threads
+from conftest import planted_paths, torch_threads
 
 
 # ---------------------------------------------------------------- DREAM
@@ -418,11 +418,7 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from recbole_mm.data.synthetic import make_planted_dataset
-
-    root = tmp_path_factory.mktemp("mambarec")
-    data_path = make_planted_dataset(root / "data")
-    return {"data_path": data_path, "feature_cache_dir": str(root / "cache"), "checkpoint_dir": str(root / "saved")}
+    return planted_paths(tmp_path_factory.mktemp("mambarec"))
 
 
 def _prepare(planted, model="MambaRec", **overrides):
