@@ -39,7 +39,13 @@ from recbole_mm.benchmark.report import (  # noqa: E402
 
 
 def value_columns(frame: pd.DataFrame) -> List[str]:
-    """The CSV's test metric columns, then its validation ones: what is averaged, tabled and tested."""
+    """The CSV's test metric columns, then its validation ones, that every run has: what is averaged,
+    tabled and tested. A column some runs lack (a page that gave one validation metric for its older
+    seeds) would mix a mean over some seeds into a table of all, and its per-seed change would read nan."""
+    return [c for c in _all_value_columns(frame) if frame[c].notna().all()]
+
+
+def _all_value_columns(frame: pd.DataFrame) -> List[str]:
     return metric_columns(frame) + [c for c in frame.columns if c.startswith("valid_")]
 
 
@@ -67,11 +73,13 @@ def report(frame: pd.DataFrame, reference: str) -> str:
     if frame.duplicated(["label", "seed"]).any():
         raise ValueError("the CSV holds a (label, seed) twice: keep one row per run")
     columns = value_columns(frame)
+    left_out = [c for c in _all_value_columns(frame) if c not in columns]
     return "\n\n".join([
         "## Mean ± std over seeds", accuracy_table(frame, columns),
         f"## Change against {reference}, seed by seed", per_seed_changes(frame, reference, columns),
         f"## Against {reference}: change of the means and paired t over seeds",
-        significance(frame, reference, frame.label.unique(), columns) or "(no label besides the reference)"])
+        significance(frame, reference, frame.label.unique(), columns) or "(no label besides the reference)"]
+        + ([f"Left out, as some runs lack them: {', '.join(left_out)}."] if left_out else []))
 
 
 def main(argv=None):
@@ -87,7 +95,8 @@ def main(argv=None):
         frame = pool(frame, args.pool[0], args.pool[1:])
     print(report(frame, args.reference))
     if args.plot:
-        print(f"\n![metrics]({plot_metrics(frame, metric_columns(frame), Path(f'{args.plot}-metrics.png')).name})")
+        tested = [c for c in value_columns(frame) if c.startswith("test_")]
+        print(f"\n![metrics]({plot_metrics(frame, tested, Path(f'{args.plot}-metrics.png')).name})")
 
 
 if __name__ == "__main__":

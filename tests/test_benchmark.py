@@ -450,9 +450,12 @@ def test_seed_table_recomputes_a_pages_means_changes_and_paired_t_from_a_curated
                for s, v in zip([1, 2, 3], abl)]
             + [{"label": "B", "seed": 2, "test_ndcg@10": short[0], "valid_ndcg@10": 0.4, "source": "page"}])
     path = tmp_path / "curated.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
+    # a metric the page gave for one run only is left out of every table, not averaged over that run
+    pd.DataFrame(rows).assign(valid_hit=[0.5] + [None] * 6).to_csv(path, index=False)
     script.main([str(path), "--reference", "R", "--plot", str(tmp_path / "t5")])
     out = capsys.readouterr().out
+    assert "valid_hit" not in out.split("Left out")[0] and "nan" not in out
+    assert "Left out, as some runs lack them: valid_hit." in out
     assert f"| A | 3 | {np.mean(abl):.4f} ± {np.std(abl, ddof=1):.4f} |" in out
     assert "| A | 1, 2, 3 | -33.3% / -21.9% / -40.0% |" in out  # per seed, a / b - 1
     assert "| B | 2 | +3.1% |" in out  # only the seed B has
