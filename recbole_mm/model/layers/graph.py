@@ -35,6 +35,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from recbole_mm.files import atomic_write
 from recbole_mm.model.layers import compiled
 from recbole_mm.model.layers.blocks import BlockProduct, merge_topk
 from recbole_mm.model.layers.compiled import ADDRESS, I64, ptr
@@ -126,10 +127,8 @@ def load_or_build_knn_graph(
         size = tuple(saved["size"])
         return torch.sparse_coo_tensor(saved["indices"], saved["values"], size, check_invariants=True).coalesce()
     graph = build_knn_graph(features, k, mask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"indices": graph.indices(), "values": graph.values(), "size": list(graph.shape)}, tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees a half-written file
+    with atomic_write(path) as tmp:  # two runs of one dataset may build the same graph at once
+        torch.save({"indices": graph.indices(), "values": graph.values(), "size": list(graph.shape)}, tmp)
     logger.info("kNN graph (%s, k=%d) cached at %s", name, k, path)
     return graph
 
