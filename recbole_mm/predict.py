@@ -13,7 +13,7 @@ only). ``--input FILE`` takes one query per line (a user token; or, with ``--seq
 sequence of item tokens separated by spaces). The answer is CSV with one row per query:
 ``query,item_1,...,item_k`` (best first), on standard output or into ``--output``. Items the
 user (or the sequence) already holds are never recommended unless ``--include-seen``; padding
-never is.
+never is. Where fewer than k items are left to recommend, a row holds only those.
 
 The ranking is :mod:`recbole_mm.evaluation.topk`'s exact blocked top-k, so a catalogue of any
 size fits in memory. The checkpoint's dataset is loaded and split as at training time (graph
@@ -83,6 +83,8 @@ class Predictor:
     # ----------------------------------------------------------------- ranking
     def _rank(self, interaction: Interaction, seen: List[torch.Tensor], k: int, include_seen: bool):
         """Top-``k`` item tokens per row of ``interaction``, ``eval_batch_size`` rows at a time."""
+        if k < 1:
+            raise ValueError(f"top-k needs k >= 1, got {k}")
         device, chunk = self.config["device"], int(self.config["eval_batch_size"])
         block = int(self.config["eval_item_block"] or self.n_items)
         top, scorer = [], None
@@ -96,7 +98,15 @@ class Predictor:
                 if scorer is None:
                     scorer = make_scorer(self.model, part[:CHECK_USERS], self.n_items)
                 top.append(blocked_topk(scorer, part, history, self.n_items, k, block, chunk * block).cpu())
-        return [list(self.dataset.id2token(self.iid, row.numpy())) for row in torch.cat(top)]
+        # masked items (padding, and the seen ones unless asked for) rank last, so they enter a row
+        # only where fewer than k items are left to recommend: dropped, that row is shorter than k
+        rows = []
+        for r, ids in enumerate(torch.cat(top)):
+            keep = ids != 0
+            if not include_seen:
+                keep &= ~torch.isin(ids, seen[r])
+            rows.append(list(self.dataset.id2token(self.iid, ids[keep].numpy())))
+        return rows
 
     def recommend_users(self, users: Sequence[str], k: int = 10, include_seen: bool = False):
         """Top-``k`` item tokens for each user token."""
@@ -144,7 +154,10 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.sequences and not args.input:
+        parser.error("--sequences says how to read --input's lines; use --sequence ITEM ... on the command line")
     predictor = Predictor.from_checkpoint(args.checkpoint)
     if args.input:
         with open(args.input) as f:

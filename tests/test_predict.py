@@ -102,13 +102,27 @@ def test_sequential_checkpoint_continues_sequences_in_a_fresh_process(planted, t
     assert _rows((tmp_path / "one.csv").read_text()) == {keys[0]: expected[0]}
 
 
-def test_unknown_tokens_and_general_sequences_are_refused(planted):
-    config, dataset, net, _ = _train("BPR", planted)
+def test_bad_queries_are_refused_and_rows_hold_only_recommendable_items(planted, capsys):
+    config, dataset, net, checkpoint = _train("BPR", planted)
     predictor = Predictor(config, net, dataset)
     with pytest.raises(ValueError, match="unknown user_id token"):
         predictor.recommend_users(["nobody"])
     with pytest.raises(ValueError, match="general model"):
         predictor.recommend_sequences([["i1"]])
+    with pytest.raises(ValueError, match="k >= 1"):
+        predictor.recommend_users(["u1"], 0)
+    with pytest.raises(SystemExit):  # user tokens are not item sequences
+        main([checkpoint, "--users", "u1", "--sequences"])
+    assert "--sequences says how to read --input" in capsys.readouterr().err
+
+    # more items asked for than are left: the row holds every unseen real item, and no padding
+    inter, uid = dataset.inter_feat, dataset.field2token_id[dataset.uid_field]["u1"]
+    seen = set(dataset.id2token(dataset.iid_field, inter[dataset.iid_field][inter[dataset.uid_field] == uid].numpy()))
+    items = set(dataset.field2id_token[dataset.iid_field][1:])
+    (row,) = predictor.recommend_users(["u1"], dataset.item_num + 5)
+    assert seen and len(row) == len(set(row)) and set(row) == items - seen
+    (row,) = predictor.recommend_users(["u1"], dataset.item_num + 5, include_seen=True)
+    assert len(row) == len(items) and set(row) == items
 
 
 def test_checkpoint_evaluates_in_a_fresh_process(planted):
