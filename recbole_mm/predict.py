@@ -153,11 +153,8 @@ def _parser():
     return p
 
 
-def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.sequences and not args.input:
-        parser.error("--sequences says how to read --input's lines; use --sequence ITEM ... on the command line")
+def _answer(args):
+    """The queries' keys (as the CSV shows them) and their top-k item tokens."""
     predictor = Predictor.from_checkpoint(args.checkpoint)
     if args.input:
         with open(args.input) as f:
@@ -166,10 +163,20 @@ def main(argv=None) -> int:
     else:
         queries = [args.sequence] if args.sequence else args.users
     if args.sequence or args.sequences:
-        keys = [" ".join(q) for q in queries]
-        top = predictor.recommend_sequences(queries, args.topk, args.include_seen)
-    else:
-        keys, top = queries, predictor.recommend_users(queries, args.topk, args.include_seen)
+        return [" ".join(q) for q in queries], predictor.recommend_sequences(queries, args.topk, args.include_seen)
+    return queries, predictor.recommend_users(queries, args.topk, args.include_seen)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.sequences and not args.input:
+        parser.error("--sequences says how to read --input's lines; use --sequence ITEM ... on the command line")
+    try:
+        keys, top = _answer(args)
+    except (ValueError, OSError) as err:  # bad input: say what, without a traceback (as recbole_mm.prepare)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         writer = csv.writer(out)

@@ -114,6 +114,10 @@ def test_bad_queries_are_refused_and_rows_hold_only_recommendable_items(planted,
     with pytest.raises(SystemExit):  # user tokens are not item sequences
         main([checkpoint, "--users", "u1", "--sequences"])
     assert "--sequences says how to read --input" in capsys.readouterr().err
+    assert main([checkpoint, "--users", "u1", "nobody"]) == 2  # said in one line, no traceback
+    assert capsys.readouterr().err.startswith("error: unknown user_id token(s) ['nobody']")
+    assert main([checkpoint, "--users", "u1", "--topk", "0"]) == 2
+    assert "k >= 1" in capsys.readouterr().err
 
     # more items asked for than are left: the row holds every unseen real item, and no padding
     inter, uid = dataset.inter_feat, dataset.field2token_id[dataset.uid_field]["u1"]
